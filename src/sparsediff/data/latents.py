@@ -1,0 +1,218 @@
+"""Latent cache: encode an image dataset once with the first stage and reuse it across runs.
+
+The cache is a safetensors file (``latents``: ``(N, C, h, w)``) whose metadata holds a JSON
+record of the autoencoder fingerprint, the dataset identity, caller-supplied extras and the
+latent statistics. A cache whose record differs from the current request is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from sparsediff.data.images import collate_skip_none
+from sparsediff.models.autoencoder import autoencoder_fingerprint, encode_latents
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+_META_KEY = "sparsediff_latents"
+# Entries of the record that must match for a cache hit; the rest are statistics.
+_KEY_FIELDS = ("version", "ae_fingerprint", "dataset", "extra", "dtype")
+
+
+class LatentDataset(Dataset):
+    """In-memory latents; items are ``latent * scale_factor`` as float32 ``(C, h, w)``.
+
+    ``scale_factor`` defaults to 1.0 (what LDM used for VQ-f4); ``std_scale_factor`` = 1/std is
+    LDM's ``scale_by_std`` choice. Decode with ``decode_latents(ae, dataset.unscale(z))``.
+    """
+
+    def __init__(
+        self,
+        latents: torch.Tensor,
+        meta: dict[str, Any],
+        scale_factor: float = 1.0,
+        path: Path | None = None,
+    ) -> None:
+        self.latents = latents
+        self.meta = meta
+        self.scale_factor = float(scale_factor)
+        self.path = path
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.latents[index].float() * self.scale_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one latent ``(C, h, w)``."""
+        return tuple(self.latents.shape[1:])
+
+    @property
+    def std(self) -> float:
+        """Global standard deviation of the unscaled latents."""
+        return float(self.meta["std"])
+
+    @property
+    def std_scale_factor(self) -> float:
+        """LDM's ``scale_by_std`` factor, 1 / std."""
+        return 1.0 / self.std
+
+    def as_tensor(self) -> torch.Tensor:
+        """All scaled latents as one float32 tensor (fast in-memory batching)."""
+        return self.latents.float() * self.scale_factor
+
+    def unscale(self, z: torch.Tensor) -> torch.Tensor:
+        """Undo ``scale_factor`` before decoding with the autoencoder."""
+        return z / self.scale_factor
+
+
+def _dataset_identity(dataset: Dataset) -> dict[str, Any]:
+    identity = getattr(dataset, "identity", None)
+    if identity is None:
+        identity = {"name": type(dataset).__name__, "count": len(dataset)}
+    return dict(identity)
+
+
+def _stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _latent_stats(latents: torch.Tensor) -> dict[str, Any]:
+    z = latents.double()
+    per_channel = z.transpose(0, 1).reshape(z.shape[1], -1)
+    return {
+        "mean": z.mean().item(),
+        "std": z.std().item(),
+        "channel_mean": per_channel.mean(dim=1).tolist(),
+        "channel_std": per_channel.std(dim=1).tolist(),
+    }
+
+
+class LatentCache:
+    """Builds or loads cached first-stage latents of a dataset (see :meth:`build_or_load`)."""
+
+    @staticmethod
+    def cache_path(cache_dir: str | Path, identity: dict[str, Any]) -> Path:
+        """File of a dataset's cache: readable prefix + hash of its identity."""
+        name = str(identity.get("name", "data")).replace("/", "_")
+        split = identity.get("split", "")
+        res = identity.get("resolution", "")
+        return (
+            Path(cache_dir)
+            / f"latents-{name}-{split}-{res}-{_stable_hash(identity)[:10]}.safetensors"
+        )
+
+    @staticmethod
+    def load(path: str | Path, scale_by_std: bool = False) -> LatentDataset:
+        """Load a cache file written by :meth:`build_or_load`."""
+        path = Path(path)
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()[_META_KEY])
+            latents = f.get_tensor("latents")
+        scale = 1.0 / float(meta["std"]) if scale_by_std else 1.0
+        return LatentDataset(latents, meta, scale_factor=scale, path=path)
+
+    @staticmethod
+    def _read_record(path: Path) -> dict[str, Any] | None:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return json.loads(f.metadata()[_META_KEY])
+        except Exception:  # unreadable / foreign file: treat as stale
+            return None
+
+    @classmethod
+    def build_or_load(
+        cls,
+        cache_dir: str | Path,
+        ae: nn.Module,
+        dataset: Dataset,
+        batch_size: int = 64,
+        fingerprint_extra: dict[str, Any] | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        scale_by_std: bool = False,
+        device: torch.device | str | None = None,
+        num_workers: int = 0,
+        progress: bool = True,
+    ) -> LatentDataset:
+        """Return the latents of ``dataset`` under ``ae``, encoding them only when needed.
+
+        The cache is reused when the AE fingerprint, dataset identity, ``fingerprint_extra``
+        (e.g. the first-stage checkpoint path or preprocessing options) and ``dtype`` match;
+        otherwise it is re-encoded (no_grad, eval mode, in batches) and overwritten. Unreadable
+        images are dropped and counted in ``meta["skipped"]``. ``scale_by_std`` sets the
+        dataset's ``scale_factor`` to 1/std (LDM ``scale_by_std``); default 1.0 as LDM's VQ-f4.
+        """
+        identity = _dataset_identity(dataset)
+        key = {
+            "version": CACHE_VERSION,
+            "ae_fingerprint": autoencoder_fingerprint(ae),
+            "dataset": identity,
+            "extra": json.loads(json.dumps(fingerprint_extra or {}, sort_keys=True, default=str)),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+        path = cls.cache_path(cache_dir, identity)
+        record = cls._read_record(path) if path.is_file() else None
+        if record is not None and all(record.get(k) == key[k] for k in _KEY_FIELDS):
+            log.info("loading cached latents from %s", path)
+            return cls.load(path, scale_by_std)
+        if record is not None:
+            changed = [k for k in _KEY_FIELDS if record.get(k) != key[k]]
+            log.info("latent cache %s is stale (%s differ); re-encoding", path, ", ".join(changed))
+
+        if device is None:
+            device = next(ae.parameters()).device
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=collate_skip_none,
+        )
+        was_training = ae.training
+        ae.eval()
+        chunks: list[torch.Tensor] = []
+        try:
+            with torch.no_grad():
+                for batch in tqdm(loader, disable=not progress, desc="encoding latents"):
+                    if batch is None:
+                        continue
+                    if isinstance(batch, list | tuple):  # (image, label, ...) datasets
+                        batch = batch[0]
+                    z = encode_latents(ae, batch.to(device))
+                    chunks.append(z.float().cpu())
+        finally:
+            ae.train(was_training)
+        if not chunks:
+            raise ValueError(f"no readable images in dataset {identity}; nothing to encode")
+        latents = torch.cat(chunks)
+        meta = {
+            **key,
+            **_latent_stats(latents),
+            "count": latents.shape[0],
+            "skipped": len(dataset) - latents.shape[0],
+            "latent_shape": list(latents.shape[1:]),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(
+            {"latents": latents.to(dtype).contiguous()}, str(tmp), {_META_KEY: json.dumps(meta)}
+        )
+        os.replace(tmp, path)  # atomic: a crashed run never leaves a half-written cache
+        log.info("cached %d latents %s to %s", latents.shape[0], tuple(latents.shape[1:]), path)
+        return cls.load(path, scale_by_std)

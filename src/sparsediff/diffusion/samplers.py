@@ -1,0 +1,137 @@
+"""Generic DDIM / DDPM sampling loops for any ε-prediction ``model_fn(x_t, t_batch)``.
+
+Diffusers schedulers are the schedule source (ᾱ_t, timestep spacing). DDIM steps are delegated to
+:class:`~diffusers.DDIMScheduler`; the DDPM ancestral step is written out from the scheduler's
+ᾱ so that the noise std can be scaled (ChiroDiff's variance-strength factor) — it equals
+``DDPMScheduler.step`` exactly when ``variance_scale == 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from tqdm.auto import tqdm
+
+from sparsediff.diffusion.schedules import DDIM_DEFAULTS
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _config_dict(scheduler_config: Any) -> tuple[dict[str, Any], str | None]:
+    """Public config entries and the scheduler class name (if known)."""
+    config = getattr(scheduler_config, "config", scheduler_config)
+    if not isinstance(config, Mapping):
+        raise TypeError("scheduler_config must be a diffusers scheduler or its config mapping")
+    class_name = config.get("_class_name")
+    if not isinstance(scheduler_config, Mapping):
+        class_name = type(scheduler_config).__name__
+    # Private keys matter: from_config resets every key listed in `_use_default_values`.
+    return {k: v for k, v in config.items() if not k.startswith("_")}, class_name
+
+
+def build_sampling_scheduler(scheduler_config: Any, sampler: str) -> DDIMScheduler | DDPMScheduler:
+    """Scheduler of the requested ``sampler`` kind sharing ``scheduler_config``'s β schedule.
+
+    A config of another class (e.g. the training DDPM config used for DDIM sampling) gets the
+    CompVis DDIM settings (:data:`DDIM_DEFAULTS`); a DDIM config is used as is.
+    """
+    config, class_name = _config_dict(scheduler_config)
+    if sampler == "ddim":
+        extra = {} if class_name == "DDIMScheduler" else DDIM_DEFAULTS
+        return DDIMScheduler.from_config({**config, **extra})
+    if sampler == "ddpm":
+        # A DDIM config's +1 offset would index ᾱ_T (out of range) on the full T-step chain.
+        extra = {} if class_name == "DDPMScheduler" else {"steps_offset": 0}
+        return DDPMScheduler.from_config({**config, **extra})
+    raise ValueError(f"unknown sampler {sampler!r}; expected 'ddim' or 'ddpm'")
+
+
+def _randn(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    # Drawn on the generator's device, then moved: same numbers whatever the model device.
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def ddpm_step(
+    scheduler: DDPMScheduler,
+    eps: torch.Tensor,
+    t: int,
+    prev_t: int,
+    x: torch.Tensor,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """One ancestral step x_t → x_{prev_t} (posterior mean + σ·noise; ``noise=None`` → mean).
+
+    Mirrors ``DDPMScheduler.step`` for ε-prediction without clipping; ``prev_t < 0`` means the
+    final step to x_0 (ᾱ_prev = 1, no noise).
+    """
+    ac = scheduler.alphas_cumprod.to(x.device)
+    a_t = ac[t]
+    a_prev = ac[prev_t] if prev_t >= 0 else torch.ones((), device=x.device)
+    alpha_t = a_t / a_prev
+    beta_t = 1 - alpha_t
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0 + (
+        alpha_t.sqrt() * (1 - a_prev) / (1 - a_t)
+    ) * x
+    if noise is None or t <= 0:
+        return mean
+    variance_type = scheduler.config.variance_type
+    if variance_type == "fixed_small":
+        var = ((1 - a_prev) / (1 - a_t) * beta_t).clamp_min(1e-20)
+    elif variance_type == "fixed_large":
+        var = beta_t
+    else:
+        raise ValueError(f"ddpm sampling supports fixed_small/fixed_large, not {variance_type!r}")
+    return mean + var.sqrt() * noise
+
+
+@torch.no_grad()
+def sample(
+    model_fn: ModelFn,
+    shape: tuple[int, ...],
+    scheduler_config: Any,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    variance_scale: float = 1.0,
+    progress: bool = False,
+    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Draw samples of ``shape`` by running the reverse chain of ``model_fn``.
+
+    ``scheduler_config``: a diffusers scheduler or its config (e.g. from
+    :func:`~sparsediff.diffusion.schedules.make_scheduler`). ``sampler="ddim"`` (default 50 steps,
+    ``eta`` = DDIM η) or ``"ddpm"`` (ancestral, default ``steps`` = T). ``variance_scale``
+    multiplies the injected noise std (DDPM σ_t, or DDIM's η-σ_t). ``x_T`` overrides the initial
+    noise. Deterministic given ``generator``. Returns a float32 tensor on ``device``.
+    """
+    device = torch.device(device)
+    sched = build_sampling_scheduler(scheduler_config, sampler)
+    if steps is None:
+        steps = 50 if sampler == "ddim" else int(sched.config.num_train_timesteps)
+    sched.set_timesteps(steps)
+    timesteps = [int(t) for t in sched.timesteps]
+    x = _randn(tuple(shape), generator, device) if x_T is None else x_T.to(device).float()
+    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=f"{sampler} sampling")):
+        t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+        eps = model_fn(x, t_batch).float()
+        if sampler == "ddim":
+            noise = None
+            if eta > 0:
+                noise = variance_scale * _randn(x.shape, generator, device)
+            x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+        else:
+            prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            noise = None
+            if t > 0 and variance_scale != 0:
+                noise = variance_scale * _randn(x.shape, generator, device)
+            x = ddpm_step(sched, eps, t, prev_t, x, noise)
+    return x

@@ -1,0 +1,126 @@
+"""Noise schedules (β_t) and diffusers scheduler construction.
+
+Kinds:
+
+* ``"ldm"``: linear in √β, ``β_t = linspace(√β_start, √β_end, T)²`` — the CompVis LDM
+  ``linear`` schedule (β 0.0015 → 0.0195, T = 1000), identical to diffusers' ``scaled_linear``.
+* ``"linear"``: ChiroDiff / DDPM linear β from ``β_start·1000/T`` to ``β_end·1000/T`` (defaults
+  1e-4 → 2e-2), i.e. Ho et al.'s schedule rescaled so that a short chain (e.g. T = 50) keeps the
+  same total noise level.
+* ``"cosine"``: Nichol & Dhariwal's cosine ᾱ schedule (s = 0.008, β ≤ 0.999), identical to
+  diffusers' ``squaredcos_cap_v2``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+SCHEDULE_KINDS = ("ldm", "linear", "cosine")
+
+# Per-kind default (β_start, β_end); "cosine" has none.
+DEFAULT_BETA_RANGE: dict[str, tuple[float, float]] = {
+    "ldm": (0.0015, 0.0195),
+    "linear": (1e-4, 2e-2),
+    "cosine": (0.0, 0.0),
+}
+
+# CompVis DDIM: uniform "leading" timesteps shifted by +1, last step towards ᾱ_0 (not 1).
+DDIM_DEFAULTS: dict[str, Any] = {
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+
+def _beta_range(kind: str, beta_start: float | None, beta_end: float | None) -> tuple[float, float]:
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"unknown schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
+    default_start, default_end = DEFAULT_BETA_RANGE[kind]
+    return (
+        default_start if beta_start is None else beta_start,
+        default_end if beta_end is None else beta_end,
+    )
+
+
+def make_betas(
+    kind: str = "ldm",
+    num_timesteps: int = 1000,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+) -> torch.Tensor:
+    """Return the β_t schedule as a float64 tensor of length ``num_timesteps``.
+
+    ``beta_start``/``beta_end`` default per kind: ``ldm`` (0.0015, 0.0195), ``linear`` (1e-4, 2e-2);
+    for ``linear`` they are multiplied by ``1000 / num_timesteps`` (ChiroDiff's rescaling).
+    """
+    start, end = _beta_range(kind, beta_start, beta_end)
+    if kind == "ldm":
+        return (
+            torch.linspace(math.sqrt(start), math.sqrt(end), num_timesteps, dtype=torch.float64)
+            ** 2
+        )
+    if kind == "linear":
+        scale = 1000.0 / num_timesteps
+        return torch.linspace(start * scale, end * scale, num_timesteps, dtype=torch.float64)
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1.0 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999)
+        for i in range(num_timesteps)
+    ]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def scheduler_kwargs(
+    kind: str = "ldm",
+    num_timesteps: int = 1000,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+) -> dict[str, Any]:
+    """Diffusers scheduler config entries (beta schedule part) equivalent to :func:`make_betas`."""
+    start, end = _beta_range(kind, beta_start, beta_end)
+    common: dict[str, Any] = {
+        "num_train_timesteps": num_timesteps,
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+    }
+    if kind == "ldm":
+        return {**common, "beta_schedule": "scaled_linear", "beta_start": start, "beta_end": end}
+    if kind == "linear":
+        scale = 1000.0 / num_timesteps
+        return {
+            **common,
+            "beta_schedule": "linear",
+            "beta_start": start * scale,
+            "beta_end": end * scale,
+        }
+    return {**common, "beta_schedule": "squaredcos_cap_v2"}
+
+
+def make_scheduler(
+    kind: str = "ldm",
+    num_timesteps: int = 1000,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+    sampler: str = "ddpm",
+) -> DDPMScheduler | DDIMScheduler:
+    """Build a diffusers ε-prediction scheduler for the given β schedule.
+
+    ``sampler="ddpm"`` gives a :class:`~diffusers.DDPMScheduler` (training ``add_noise`` and
+    ancestral sampling, fixed-small variance); ``"ddim"`` a :class:`~diffusers.DDIMScheduler` with
+    the CompVis LDM settings (``set_alpha_to_one=False``, ``steps_offset=1``, leading spacing).
+    ``prediction_type="epsilon"`` and ``clip_sample=False`` as in LDM. Defaults reproduce LDM-4
+    (T = 1000, β 0.0015 → 0.0195, linear in √β).
+    """
+    kwargs = scheduler_kwargs(kind, num_timesteps, beta_start, beta_end)
+    if sampler == "ddpm":
+        return DDPMScheduler(**kwargs, variance_type="fixed_small")
+    if sampler == "ddim":
+        return DDIMScheduler(**kwargs, **DDIM_DEFAULTS)
+    raise ValueError(f"unknown sampler {sampler!r}; expected 'ddpm' or 'ddim'")

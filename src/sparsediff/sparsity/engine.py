@@ -1,0 +1,476 @@
+"""`SparseTraining`: attaches sparse-to-sparse training to a model and its optimizer.
+
+Masks are boolean tensors next to plain weights that hold zeros; nothing is
+monkey-patched. All work happens in an optimizer step post-hook:
+
+1. re-zero the masked weights with one ``torch._foreach_mul_`` (gradients are never
+   masked, so RigL can read the dense gradient);
+2. on an update step (RigL/MagRan), drop the smallest active weights and grow as many
+   inactive ones, then zero the weights, optimizer state and EMA entries that changed.
+"""
+
+import math
+import time
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .distributions import DISTRIBUTIONS, layer_densities
+from .schedules import SCHEDULES, is_update_step, prune_fraction, stop_step
+from .scores import (
+    drop_and_grow,
+    gradient_score,
+    magnitude_score,
+    random_mask,
+    random_scores,
+    seeded_generator,
+)
+from .selection import select_parameters, unwrap
+
+METHODS = ("dense", "static", "rigl", "magran")
+_STATE_FORMAT = "sparsediff.sparsity/1"
+
+
+@dataclass
+class _Layer:
+    """One maskable parameter and everything kept alongside it."""
+
+    name: str
+    index: int
+    param: nn.Parameter
+    mask: torch.Tensor  # bool, on the parameter's device; True = active
+    fmask: torch.Tensor  # the mask in the parameter's dtype/layout, for the per-step multiply
+    ever: torch.Tensor  # bool: ever active (in-time over-parameterisation)
+    active: int  # number of True entries, kept on the host so no step needs a sync
+    ema: torch.Tensor | None
+
+
+def _check_choice(argument: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{argument} must be one of {allowed}, got {value!r}")
+
+
+def _check_int(argument: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{argument} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(argument: str, value: Any, low: float, high: float, interval: str) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and (low <= value if interval[0] == "[" else low < value)
+    ok = ok and (value <= high if interval[1] == "]" else value < high)
+    if not ok:
+        raise ValueError(
+            f"{argument} must be a number in {interval[0]}{low}, {high}{interval[1]}, got {value!r}"
+        )
+
+
+def _validate_config(config: Mapping[str, Any]) -> None:
+    _check_choice("method", config["method"], METHODS)
+    _check_float("sparsity", config["sparsity"], 0.0, 1.0, "[)")
+    _check_choice("distribution", config["distribution"], DISTRIBUTIONS)
+    _check_float("erk_power_scale", config["erk_power_scale"], 0.0, math.inf, "[)")
+    _check_int("update_interval", config["update_interval"], 1)
+    _check_float("prune_ratio", config["prune_ratio"], 0.0, 1.0, "(]")
+    _check_choice("prune_schedule", config["prune_schedule"], SCHEDULES)
+    _check_int("total_steps", config["total_steps"], 1)
+    _check_float("stop_fraction", config["stop_fraction"], 0.0, 1.0, "[]")
+    _check_int("seed", config["seed"], 0)
+
+
+def _ema_parameters(
+    ema: nn.Module | None, params: Mapping[str, nn.Parameter]
+) -> dict[str, torch.Tensor]:
+    """The EMA model's tensors for every maskable name (validated, nothing touched)."""
+    if ema is None:
+        return {}
+    if not isinstance(ema, nn.Module):
+        raise ValueError(f"ema must be an nn.Module with the parameter names of model, got {ema!r}")
+    named = dict(unwrap(ema).named_parameters())
+    for name, param in params.items():
+        if name not in named or named[name].shape != param.shape:
+            raise ValueError(
+                f"ema must have the parameters of model; {name!r} is missing or has another shape"
+            )
+        if named[name] is param:
+            raise ValueError("ema must be a separate copy of model, not the model itself")
+    return {name: named[name] for name in params}
+
+
+class SparseTraining:
+    """Sparse-to-sparse training (dense, Static, RigL, MagRan) through optimizer step hooks.
+
+    Construct it after the optimizer and before training; then call ``optimizer.step()``
+    (or ``scaler.step(optimizer)``) as usual. See ``docs/engine.md``.
+
+    Args:
+        model: the model (or its DDP/DataParallel wrapper; names are the inner module's).
+        optimizer: the optimizer that holds every maskable parameter of ``model``.
+        method: ``"dense"`` (all-True masks, ``sparsity`` ignored), ``"static"`` (masks
+            never change), ``"rigl"`` (grow by dense-gradient magnitude) or ``"magran"``
+            (grow uniformly at random).
+        sparsity: fraction of maskable weights that are zero, in ``[0, 1)``.
+        distribution: layer densities, ``"uniform"``, ``"er"`` or ``"erk"``.
+        update_interval: ΔT, optimizer steps between mask updates (>= 1).
+        prune_ratio: p, fraction of a layer's active weights swapped per update, in (0, 1].
+        prune_schedule: decay of p: ``"constant"``, ``"cosine"`` or ``"linear"``.
+        total_steps: planned optimizer steps of the run.
+        stop_fraction: no mask updates after ``stop_fraction * total_steps`` steps.
+        erk_power_scale: exponent on the ER/ERK scale (0 gives uniform).
+        ema: an EMA copy of ``model`` (same parameter names) kept exactly as sparse.
+        seed: seeds the initial masks and MagRan's growth, with the step and layer index.
+        exclude: glob patterns of parameter names kept dense (e.g. ``"conv_in.*"``).
+        include: glob patterns of extra parameter names to make sparse.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        method: str = "rigl",
+        sparsity: float = 0.5,
+        distribution: str = "erk",
+        update_interval: int = 100,
+        prune_ratio: float = 0.05,
+        prune_schedule: str = "cosine",
+        total_steps: int = 100_000,
+        stop_fraction: float = 0.75,
+        erk_power_scale: float = 1.0,
+        ema: nn.Module | None = None,
+        seed: int = 0,
+        exclude: str | Iterable[str] = (),
+        include: str | Iterable[str] | None = None,
+    ) -> None:
+        config = {
+            "method": method,
+            "sparsity": sparsity,
+            "distribution": distribution,
+            "update_interval": update_interval,
+            "prune_ratio": prune_ratio,
+            "prune_schedule": prune_schedule,
+            "total_steps": total_steps,
+            "stop_fraction": stop_fraction,
+            "erk_power_scale": erk_power_scale,
+            "seed": seed,
+        }
+        # Validate everything before touching the model or the optimizer.
+        _validate_config(config)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        params = select_parameters(model, include, exclude)
+        if not params:
+            raise ValueError(
+                "model has nothing to mask: no Linear/Conv/ConvTranspose/RNN/MultiheadAttention "
+                "weights are left after exclude; widen include or narrow exclude"
+            )
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in params.items() if id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"optimizer must hold every maskable parameter of model; missing {missing[:5]}"
+            )
+        ema_params = _ema_parameters(ema, params)
+
+        self._config = config
+        self._model = unwrap(model)
+        self._optimizer = optimizer
+        self._step = 0
+        self._last: dict[str, Any] = _no_update(list(params))
+        if method == "dense":
+            densities = dict.fromkeys(params, 1.0)
+        else:
+            shapes = {name: tuple(p.shape) for name, p in params.items()}
+            densities = layer_densities(shapes, sparsity, distribution, erk_power_scale)
+        self._layers: list[_Layer] = []
+        for index, (name, param) in enumerate(params.items()):
+            active = round(densities[name] * param.numel())
+            if active == param.numel():
+                mask = torch.ones(param.shape, dtype=torch.bool)
+            else:
+                mask = random_mask(param.shape, active, seeded_generator(seed, 0, index))
+            mask = mask.to(param.device)
+            layer = _Layer(
+                name, index, param, mask, mask, mask.clone(), active, ema_params.get(name)
+            )
+            self._layers.append(layer)
+            self._refresh(layer)
+        self._apply_masks()
+        self._masks = types.MappingProxyType({layer.name: layer.mask for layer in self._layers})
+        self._handle: Any = optimizer.register_step_post_hook(self._after_step)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def masks(self) -> Mapping[str, torch.Tensor]:
+        """Read-only mapping from parameter name to its boolean mask (True = active)."""
+        return self._masks
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps seen (steps skipped by a GradScaler are not counted)."""
+        return self._step
+
+    @property
+    def density(self) -> float:
+        """Global density over all maskable weights."""
+        return sum(layer.active for layer in self._layers) / self._numel()
+
+    @property
+    def method(self) -> str:
+        """The sparse training method."""
+        return self._config["method"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """A copy of the configuration (method, sparsity, schedule, seed, ...)."""
+        return dict(self._config)
+
+    # ------------------------------------------------------------------ hooks
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # A fused optimizer under GradScaler is always called and skips internally on inf;
+        # this one sync matches the one GradScaler itself makes for other optimizers.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return
+        self._step += 1
+        with torch.no_grad():
+            if self._hot_params:
+                torch._foreach_mul_(self._hot_params, self._hot_masks)
+            cfg = self._config
+            last = stop_step(cfg["total_steps"], cfg["stop_fraction"])
+            if cfg["method"] in ("rigl", "magran") and is_update_step(
+                self._step, cfg["update_interval"], last
+            ):
+                self._update(
+                    prune_fraction(self._step, cfg["prune_ratio"], cfg["prune_schedule"], last)
+                )
+
+    def _update(self, fraction: float) -> None:
+        """Drop and regrow ``fraction`` of every layer's active weights."""
+        start = time.perf_counter()
+        rigl = self._config["method"] == "rigl"
+        dropped: dict[str, int] = {}
+        for layer in self._layers:
+            param = layer.param
+            k = min(round(fraction * layer.active), param.numel() - layer.active)
+            dropped[layer.name] = 0
+            if k <= 0 or (rigl and param.grad is None):  # no gradient: nothing to rank
+                continue
+            if rigl:
+                grow = gradient_score(param.grad)
+            else:
+                gen = seeded_generator(self._config["seed"], self._step, layer.index)
+                grow = random_scores(param.numel(), gen, param.device)
+            drop_idx, grow_idx = drop_and_grow(magnitude_score(param), grow, layer.mask, k)
+            changed = torch.zeros_like(layer.mask)
+            changed.view(-1)[torch.cat([drop_idx, grow_idx])] = True
+            layer.mask.view(-1)[drop_idx] = False
+            layer.mask.view(-1)[grow_idx] = True
+            layer.fmask.copy_(layer.mask)
+            layer.ever |= layer.mask
+            param.masked_fill_(changed, 0)  # dropped weights vanish, grown ones start at 0
+            for state in self._optimizer.state.get(param, {}).values():
+                if torch.is_tensor(state) and state.shape == param.shape:
+                    state.masked_fill_(changed.to(state.device), 0)
+            if layer.ema is not None:  # EMA follows the live value at every changed entry
+                ema = layer.ema
+                ema.copy_(torch.where(changed.to(ema.device), param.to(ema.device), ema))
+            dropped[layer.name] = k
+        if any(layer.param.is_cuda for layer in self._layers):
+            torch.cuda.synchronize()
+        self._last = {
+            "step": self._step,
+            "prune_fraction": fraction,
+            "time_s": time.perf_counter() - start,
+            "dropped": dropped,
+            "grown": dict(dropped),  # density is preserved: as many grown as dropped
+        }
+
+    # ------------------------------------------------------------------ masking helpers
+    def _numel(self) -> int:
+        return sum(layer.mask.numel() for layer in self._layers)
+
+    def _refresh(self, layer: _Layer) -> None:
+        """Recount a layer's active entries and rebuild its multiply mask if it is sparse."""
+        layer.active = int(layer.mask.sum())
+        if layer.active < layer.mask.numel():
+            layer.fmask = torch.empty_like(layer.param).copy_(layer.mask)
+        else:
+            layer.fmask = layer.mask  # dense layers are never multiplied
+
+    def _apply_masks(self) -> None:
+        """Zero masked entries of the model (and EMA) and cache the per-step multiply lists."""
+        sparse = [layer for layer in self._layers if layer.active < layer.mask.numel()]
+        self._hot_params = [layer.param for layer in sparse]
+        self._hot_masks = [layer.fmask for layer in sparse]
+        with torch.no_grad():
+            for layer in sparse:
+                layer.param.mul_(layer.fmask)
+                if layer.ema is not None:
+                    layer.ema.mul_(layer.mask.to(layer.ema.device, layer.ema.dtype))
+
+    # ------------------------------------------------------------------ public API
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the gradients of ``model`` by their norm over the *active* entries.
+
+        Masked-position gradients are not part of the sparse model, so they do not count
+        towards the norm; the ``.grad`` storage itself is only scaled, never masked (RigL
+        reads it dense). Under AMP call ``scaler.unscale_(optimizer)`` first.
+        Returns the total norm (a tensor, no host sync).
+        """
+        fmasks = {id(p): m for p, m in zip(self._hot_params, self._hot_masks)}
+        grads, parts = [], []
+        for p in self._model.parameters():
+            if p.grad is None:
+                continue
+            grads.append(p.grad)
+            g = p.grad * fmasks[id(p)] if id(p) in fmasks else p.grad
+            parts.append(torch.linalg.vector_norm(g, norm_type))
+        if not grads:
+            return torch.tensor(0.0)
+        device = parts[0].device
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in parts]), norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, [coef.to(g.device) for g in grads])
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        """Density, churn of the last update, in-time over-parameterisation rate, timing.
+
+        Keys: ``step``, ``density``, ``sparsity``, ``active``, ``maskable``,
+        ``layer_density`` (name -> float), ``itop_rate`` (fraction of maskable weights ever
+        active), ``last_update_step`` (None before the first update), ``prune_fraction``,
+        ``dropped``, ``grown``, ``churn`` (dropped / active), ``layer_churn``
+        (name -> {"dropped", "grown"}) and ``update_time_s`` (wall time of the last update).
+        """
+        active = sum(layer.active for layer in self._layers)
+        total = self._numel()
+        ever = sum(int(layer.ever.sum()) for layer in self._layers)
+        last = self._last
+        dropped, grown = sum(last["dropped"].values()), sum(last["grown"].values())
+        return {
+            "step": self._step,
+            "density": active / total,
+            "sparsity": 1.0 - active / total,
+            "active": active,
+            "maskable": total,
+            "layer_density": {ly.name: ly.active / ly.mask.numel() for ly in self._layers},
+            "itop_rate": ever / total,
+            "last_update_step": None if last["step"] < 0 else last["step"],
+            "prune_fraction": last["prune_fraction"],
+            "dropped": dropped,
+            "grown": grown,
+            "churn": dropped / active if active else 0.0,
+            "layer_churn": {
+                name: {"dropped": last["dropped"][name], "grown": last["grown"][name]}
+                for name in last["dropped"]
+            },
+            "update_time_s": last["time_s"],
+        }
+
+    def verify_consistent(self) -> bool:
+        """Check that every rank holds the same masks and step (one all-reduce).
+
+        Returns True (also when torch.distributed is not initialised); raises
+        `RuntimeError` naming the differing layers otherwise.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return True
+        sums = []
+        for layer in self._layers:
+            idx = layer.mask.reshape(-1).nonzero().reshape(-1).to(torch.int64)
+            sums.append(((idx * 2654435761 + 97) % 2147483647).sum().cpu())
+        local = torch.stack([*sums, torch.tensor(self._step)])
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        # max of (c, -c) gives max and -min of every checksum in a single collective.
+        both = torch.cat([local, -local]).to(device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        both = both.cpu()
+        n = local.numel()
+        differ = (both[:n] != -both[n:]).tolist()
+        if any(differ):
+            names = [layer.name for layer in self._layers] + ["<step>"]
+            bad = [name for name, d in zip(names, differ) if d]
+            raise RuntimeError(f"sparse masks differ across ranks for {bad}")
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, step, schedule and seed (RNG) as plain tensors/numbers/strings.
+
+        Random draws come from generators seeded by ``(seed, step, layer)``, so ``seed`` and
+        ``step`` are the whole RNG state. Loads with ``torch.load(weights_only=True)``.
+        """
+        return {
+            "format": _STATE_FORMAT,
+            **self._config,
+            "step": self._step,
+            "masks": {layer.name: layer.mask.cpu().clone() for layer in self._layers},
+            "ever_active": {layer.name: layer.ever.cpu().clone() for layer in self._layers},
+            "last_update": {
+                k: (dict(v) if isinstance(v, dict) else v) for k, v in self._last.items()
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore masks, step and schedule, and re-apply the masks to model (and EMA)."""
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"state must come from SparseTraining.state_dict ({_STATE_FORMAT})")
+        if state["method"] != self.method:
+            raise ValueError(
+                f"state was saved with method={state['method']!r}, this is {self.method!r}"
+            )
+        config = {key: state[key] for key in self._config}
+        _validate_config(config)
+        masks = state["masks"]
+        if set(masks) != {layer.name for layer in self._layers}:
+            raise ValueError("state masks name other parameters than this model's maskable ones")
+        for layer in self._layers:
+            if tuple(masks[layer.name].shape) != tuple(layer.mask.shape):
+                raise ValueError(f"state mask for {layer.name!r} has another shape")
+        self._config = config
+        self._step = int(state["step"])
+        last = state["last_update"]
+        self._last = {k: (dict(v) if isinstance(v, dict) else v) for k, v in last.items()}
+        for layer in self._layers:
+            layer.mask.copy_(masks[layer.name])
+            layer.ever.copy_(state["ever_active"][layer.name])
+            self._refresh(layer)
+        self._apply_masks()
+
+    def remove(self) -> None:
+        """Detach from the optimizer; masks stop being enforced. Safe to call twice."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    close = remove
+
+    def __enter__(self) -> "SparseTraining":
+        """Use as a context manager that detaches on exit."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Detach the hooks."""
+        self.remove()
+
+
+def _no_update(names: list[str]) -> dict[str, Any]:
+    """The ``last update`` record before any update happened."""
+    zeros = dict.fromkeys(names, 0)
+    return {
+        "step": -1,
+        "prune_fraction": 0.0,
+        "time_s": 0.0,
+        "dropped": zeros,
+        "grown": dict(zeros),
+    }

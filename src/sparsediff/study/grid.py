@@ -1,0 +1,307 @@
+"""Study files: a TOML description of a grid of runs, expanded into cells.
+
+A study crosses datasets x methods x sparsity levels x prune ratios x seeds. Format::
+
+    name = "quick"                    # default: the file's stem
+    description = "..."               # optional, shown in the report
+    out_dir = "studies/quick"         # default: studies/<name>, relative to the working directory
+    methods = ["dense", "static", "rigl", "magran"]   # default: all four
+    sparsities = [0.25, 0.5]          # fractions in (0, 1); dense ignores them
+    prune_ratios = [0.05, 0.5]        # p in (0, 1]; only rigl and magran use them
+    seeds = [0, 1, 2]                 # default: [0]
+
+    [overrides]                       # dotted run-config keys applied to every cell
+    "train.steps" = 2000
+
+    [eval]                            # passed to evaluate_fn
+    num_samples = 1000                # default: the run config's eval.num_samples
+    seed = 0                          # sampling seed of the evaluation (default 0)
+
+    [[datasets]]                      # one table per dataset, at least one
+    name = "fashion-mnist"            # used in cell ids and run directories
+    preset = "ldm-fashion-mnist"      # configs/<preset>.toml, or a path to a TOML preset
+    pipeline = "ldm"                  # optional: read from the preset, else its name's prefix
+    overrides = { "train.steps" = 300 }   # this dataset only; wins over [overrides]
+
+Cells: dense gives one cell per dataset x seed (sparsity 0), static one per sparsity x seed,
+rigl and magran one per sparsity x prune ratio x seed. A cell's overrides are the study's, then
+the dataset's, then the grid keys ``sparse.method``, ``sparse.sparsity``, ``sparse.prune_ratio``
+(rigl/magran only) and ``seed``, which the override tables must not set. Unquoted dotted keys
+(``train.steps = 3``) are nested tables in TOML; they are flattened back to dotted keys.
+
+Cell ids are stable, e.g. ``fashion-mnist/rigl-s0.50-p0.05-seed0``, ``fashion-mnist/dense-seed0``;
+a cell's run directory is ``<out_dir>/runs/<id>``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("dense", "static", "rigl", "magran")
+DYNAMIC = ("rigl", "magran")  # the methods with a prune/regrowth ratio p
+GRID_KEYS = ("sparse.method", "sparse.sparsity", "sparse.prune_ratio", "seed")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_TOP_KEYS = {
+    "name",
+    "description",
+    "out_dir",
+    "methods",
+    "sparsities",
+    "prune_ratios",
+    "seeds",
+    "overrides",
+    "eval",
+    "datasets",
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One ``[[datasets]]`` entry of a study."""
+
+    name: str
+    preset: str
+    pipeline: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: what to train and with which overrides."""
+
+    id: str
+    dataset: str
+    preset: str
+    pipeline: str
+    method: str
+    sparsity: float
+    prune_ratio: float | None
+    seed: int
+    overrides: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class Study:
+    """A parsed study file."""
+
+    name: str
+    datasets: list[DatasetSpec]
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    sparsities: list[float] = field(default_factory=list)
+    prune_ratios: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    overrides: dict[str, Any] = field(default_factory=dict)
+    eval_num_samples: int | None = None
+    eval_seed: int = 0
+    out_dir: str | None = None
+    description: str = ""
+    source: str = ""
+
+    def default_out_dir(self) -> Path:
+        """Where results go unless the caller says otherwise."""
+        return Path(self.out_dir) if self.out_dir else Path("studies") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def fmt_value(x: float) -> str:
+    """Two decimals (``0.50``), or more when two would merge distinct values (``0.005``)."""
+    text = f"{x:.2f}"
+    return text if float(text) == x else f"{x:.6g}"
+
+
+def cell_id(
+    dataset: str, method: str, sparsity: float, prune_ratio: float | None, seed: int
+) -> str:
+    """The stable id of a cell, e.g. ``kanjivg/rigl-s0.50-p0.05-seed0``."""
+    parts = [method]
+    if method != "dense":
+        parts.append(f"s{fmt_value(sparsity)}")
+    if prune_ratio is not None:
+        parts.append(f"p{fmt_value(prune_ratio)}")
+    parts.append(f"seed{seed}")
+    return f"{dataset}/{'-'.join(parts)}"
+
+
+def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables -> dotted keys (``{"train": {"steps": 3}}`` -> ``{"train.steps": 3}``)."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def preset_pipeline(preset: str) -> str:
+    """The ``pipeline`` key of a preset; falls back to the name's prefix (``ldm-tiny`` -> ldm)."""
+    try:
+        from sparsediff.config import preset_path
+
+        table = tomllib.loads(preset_path(preset).read_text())
+        if isinstance(table.get("pipeline"), str):
+            return table["pipeline"]
+    except (ImportError, ValueError, OSError, tomllib.TOMLDecodeError):
+        pass  # presets are optional here: tests and fakes use made-up names
+    return Path(preset).stem.split("-")[0]
+
+
+def _numbers(raw: dict[str, Any], key: str, default: list, kind: type, where: str) -> list:
+    values = raw.get(key, default)
+    if not isinstance(values, list):
+        raise ValueError(f"{where}: {key} must be a list, got {values!r}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{where}: {key} holds {v!r}, not a number")
+        if kind is int and not isinstance(v, int):
+            raise ValueError(f"{where}: {key} holds {v!r}, not an integer")
+        out.append(kind(v))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{where}: {key} has duplicates: {values!r}")
+    return out
+
+
+def _overrides(raw: Any, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a table, got {raw!r}")
+    flat = flatten(raw)
+    clash = sorted(set(flat) & set(GRID_KEYS))
+    if clash:
+        raise ValueError(f"{where} sets {clash}, which the grid controls; use the grid lists")
+    return flat
+
+
+def parse_study(raw: dict[str, Any], name: str = "study", source: str = "") -> Study:
+    """Validate a study table (a parsed TOML file) and build a Study."""
+    where = source or "study"
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(_TOP_KEYS)}")
+    methods = raw.get("methods", list(METHODS))
+    bad = [m for m in methods if m not in METHODS] if isinstance(methods, list) else [methods]
+    if bad or not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"{where}: methods must be distinct names from {METHODS}, got {methods!r}")
+    sparsities = _numbers(raw, "sparsities", [], float, where)
+    prune_ratios = _numbers(raw, "prune_ratios", [], float, where)
+    seeds = _numbers(raw, "seeds", [0], int, where)
+    if any(not 0 < s < 1 for s in sparsities):
+        raise ValueError(f"{where}: sparsities must lie in (0, 1), got {sparsities}")
+    if any(not 0 < p <= 1 for p in prune_ratios):
+        raise ValueError(f"{where}: prune_ratios must lie in (0, 1], got {prune_ratios}")
+    if not seeds:
+        raise ValueError(f"{where}: seeds is empty")
+    if any(m != "dense" for m in methods) and not sparsities:
+        raise ValueError(f"{where}: sparse methods {methods} need a sparsities list")
+    if any(m in DYNAMIC for m in methods) and not prune_ratios:
+        raise ValueError(f"{where}: rigl/magran need a prune_ratios list")
+
+    datasets = raw.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise ValueError(f"{where}: needs at least one [[datasets]] table")
+    specs = []
+    for i, d in enumerate(datasets):
+        dwhere = f"{where}: datasets[{i}]"
+        extra = sorted(set(d) - {"name", "preset", "pipeline", "overrides"})
+        if extra:
+            raise ValueError(f"{dwhere}: unknown keys {extra}")
+        if not isinstance(d.get("preset"), str):
+            raise ValueError(f"{dwhere}: needs a preset name")
+        dname = d.get("name", Path(d["preset"]).stem)
+        if not isinstance(dname, str) or not _NAME.match(dname):
+            raise ValueError(f"{dwhere}: name {dname!r} must be letters, digits, '_', '.', '-'")
+        pipeline = d.get("pipeline") or preset_pipeline(d["preset"])
+        specs.append(
+            DatasetSpec(dname, d["preset"], pipeline, _overrides(d.get("overrides"), dwhere))
+        )
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: dataset names must be distinct, got {names}")
+
+    ev = raw.get("eval", {})
+    extra = sorted(set(ev) - {"num_samples", "seed"})
+    if extra:
+        raise ValueError(f"{where}: unknown [eval] keys {extra}")
+    num_samples, eval_seed = ev.get("num_samples"), ev.get("seed", 0)
+    for key, v in (("num_samples", num_samples), ("seed", eval_seed)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{where}: [eval] {key} must be an integer, got {v!r}")
+    study_name = raw.get("name", name)
+    if not isinstance(study_name, str) or not _NAME.match(study_name):
+        raise ValueError(f"{where}: name {study_name!r} must be letters, digits, '_', '.', '-'")
+    return Study(
+        name=study_name,
+        datasets=specs,
+        methods=list(methods),
+        sparsities=sparsities,
+        prune_ratios=prune_ratios,
+        seeds=seeds,
+        overrides=_overrides(raw.get("overrides"), f"{where}: [overrides]"),
+        eval_num_samples=num_samples,
+        eval_seed=eval_seed,
+        out_dir=raw.get("out_dir"),
+        description=str(raw.get("description", "")),
+        source=source,
+    )
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study TOML file."""
+    path = Path(path)
+    with path.open("rb") as f:
+        raw = tomllib.load(f)
+    return parse_study(raw, name=path.stem, source=str(path))
+
+
+def _settings(study: Study, method: str) -> list[tuple[float, float | None]]:
+    """(sparsity, prune_ratio) pairs a method runs at."""
+    if method == "dense":
+        return [(0.0, None)]
+    if method == "static":
+        return [(s, None) for s in study.sparsities]
+    return [(s, p) for s in study.sparsities for p in study.prune_ratios]
+
+
+def expand_grid(study: Study) -> list[Cell]:
+    """All cells of a study, dataset by dataset, then method, sparsity, p and seed."""
+    cells = []
+    for ds in study.datasets:
+        for method in study.methods:
+            for sparsity, p in _settings(study, method):
+                for seed in study.seeds:
+                    grid: dict[str, Any] = {"sparse.method": method, "sparse.sparsity": sparsity}
+                    if p is not None:
+                        grid["sparse.prune_ratio"] = p
+                    grid["seed"] = seed
+                    overrides = {**study.overrides, **ds.overrides, **grid}
+                    cells.append(
+                        Cell(
+                            id=cell_id(ds.name, method, sparsity, p, seed),
+                            dataset=ds.name,
+                            preset=ds.preset,
+                            pipeline=ds.pipeline,
+                            method=method,
+                            sparsity=sparsity,
+                            prune_ratio=p,
+                            seed=seed,
+                            overrides=overrides,
+                        )
+                    )
+    ids = [c.id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two cells share an id; are two values equal at two decimals?")
+    return cells

@@ -1,0 +1,361 @@
+"""Run a study: train and evaluate every cell of the grid, resumably.
+
+Layout of a study directory::
+
+    study.json       the resolved grid (study settings, every cell and its overrides, the command)
+    results.jsonl    one JSON line per finished cell, appended by the parent process only
+    runs/<cell id>/  each cell's run directory (checkpoint, done.json, samples, ...)
+
+A results line holds ``id, dataset, preset, pipeline, method, sparsity, prune_ratio`` (null for
+dense/static), ``seed, overrides`` (what train_fn got), ``metrics, cost, protocol`` (from
+evaluate_fn), ``samples_grid`` and ``run_dir`` (relative to the study directory when inside it),
+``train_seconds`` and ``eval_seconds`` (wall time of this attempt; a resumed run counts only the
+part after the resume), ``resumed`` (the run directory existed before this attempt), ``device``
+(the worker's device, null when run in-process) and ``finished_at`` (UTC, ISO 8601). Non-finite
+numbers are written as null, so every line is strict JSON.
+
+Latent Diffusion cells of one dataset share one dense, frozen first stage and latent cache under
+``shared/<dataset>/`` (``autoencoder.dir``, ``data.cache_dir``; unless the study or the preset sets
+them): the comparison is about the denoiser, and the first cell trains the autoencoder for all.
+With several devices, a dataset whose first stage does not exist yet runs one cell at a time.
+
+Resuming: a cell with a results line is skipped. Otherwise it is trained with ``resume=True`` when
+its run directory already exists (a checkpoint is resumed, a done.json skips training) and then
+evaluated. A failing cell does not stop the others; ``run_study`` raises at the end, and running it
+again retries only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from sparsediff.study.grid import Cell, Study, expand_grid, load_study
+
+RESULTS_FILE = "results.jsonl"
+STUDY_FILE = "study.json"
+DONE_FILE = "done.json"
+
+TrainFn = Callable[[str, dict, Path, bool], Any]
+EvaluateFn = Callable[[Path, int | None, int], dict]
+
+_DEVICE: str | None = None  # the device a pool worker claimed
+
+
+class StudyError(RuntimeError):
+    """Some cells failed; the others finished and were recorded."""
+
+    def __init__(self, failed: dict[str, str]) -> None:
+        self.failed = failed
+        names = ", ".join(failed)
+        super().__init__(f"{len(failed)} cell(s) failed: {names}; run the study again to retry")
+
+
+def default_train(preset: str, overrides: dict, run_dir: Path, resume: bool) -> None:
+    """Train with ``sparsediff.pipelines.train`` (imported here so fakes need no pipelines)."""
+    from sparsediff.pipelines import train
+
+    train(preset, overrides, run_dir, resume)
+
+
+def default_evaluate(run_dir: Path, num_samples: int | None, seed: int) -> dict:
+    """Evaluate with ``sparsediff.pipelines.evaluate``."""
+    from sparsediff.pipelines import evaluate
+
+    return evaluate(run_dir, num_samples, seed)
+
+
+def jsonable(x: Any) -> Any:
+    """Make ``x`` strict JSON: scalars from numpy/torch, paths as text, NaN/inf as None."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "tolist"):  # numpy / torch scalars and arrays
+        return jsonable(x.tolist())
+    return str(x)
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """The records of a results.jsonl; a line cut short by a crash is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a write interrupted mid-line; that cell simply runs again
+        if isinstance(record, dict) and "id" in record:
+            records.append(record)
+    return records
+
+
+def append_result(path: Path, record: dict) -> None:
+    """Append one line and make it durable before the next cell starts."""
+    line = json.dumps(jsonable(record), allow_nan=False)
+    with path.open("ab") as f:
+        if f.tell() > 0:
+            with path.open("rb") as r:  # a crash may have left a line without its newline
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    f.write(b"\n")
+        f.write(line.encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def visible_devices(device: str) -> str:
+    """CUDA_VISIBLE_DEVICES for a device name: ``cuda:1`` -> ``1``, ``cpu`` -> ``""``."""
+    if device == "cpu":
+        return ""
+    if device == "cuda":
+        return "0"
+    return device.removeprefix("cuda:")
+
+
+def _claim_device(queue: Any) -> None:
+    """Pool initializer: take one device for the worker's lifetime, before CUDA starts."""
+    global _DEVICE
+    _DEVICE = queue.get()
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(_DEVICE)
+
+
+def _relative(path: str | Path | None, base: Path) -> str | None:
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(base.resolve()))
+    except ValueError:
+        return str(resolved)
+
+
+def run_cell(
+    cell: Cell,
+    study_dir: Path,
+    num_samples: int | None,
+    eval_seed: int,
+    train_fn: TrainFn,
+    evaluate_fn: EvaluateFn,
+) -> dict:
+    """Train (or resume) and evaluate one cell; return its results record."""
+    run_dir = study_dir / "runs" / cell.id
+    resumed = run_dir.exists()
+    start = time.perf_counter()
+    if not (run_dir / DONE_FILE).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        train_fn(cell.preset, dict(cell.overrides), run_dir, resumed)
+        if not (run_dir / DONE_FILE).exists():  # e.g. train.stop_at: a partial run is no result
+            raise RuntimeError(f"training returned without {run_dir / DONE_FILE}; rerun to resume")
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    evaluation = evaluate_fn(run_dir, num_samples, eval_seed)
+    eval_seconds = time.perf_counter() - start
+    record = {
+        "id": cell.id,
+        "dataset": cell.dataset,
+        "preset": cell.preset,
+        "pipeline": cell.pipeline,
+        "method": cell.method,
+        "sparsity": cell.sparsity,
+        "prune_ratio": cell.prune_ratio,
+        "seed": cell.seed,
+        "overrides": cell.overrides,
+        "metrics": evaluation.get("metrics", {}),
+        "cost": evaluation.get("cost", {}),
+        "protocol": evaluation.get("protocol", {}),
+        "samples_grid": _relative(evaluation.get("samples_grid"), study_dir),
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "run_dir": _relative(run_dir, study_dir),
+        "resumed": resumed,
+        "device": _DEVICE,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    for key, value in evaluation.items():  # keep whatever else the evaluation reported
+        record.setdefault(key, value)
+    return jsonable(record)
+
+
+def _preset_sets_first_stage(preset: str) -> bool:
+    try:
+        from sparsediff.config import load_config
+
+        ae = load_config(preset).autoencoder
+    except (ImportError, ValueError, OSError):
+        return False  # unknown preset (fakes in tests): nothing to respect
+    return bool(ae.dir or ae.pretrained)
+
+
+def share_first_stage(cells: list[Cell], study_dir: Path) -> list[Cell]:
+    """Point the LDM cells of each dataset at one shared autoencoder and latent cache."""
+    out = []
+    for cell in cells:
+        keys = cell.overrides.keys()
+        if cell.pipeline != "ldm" or {"autoencoder.dir", "autoencoder.pretrained"} & keys:
+            out.append(cell)
+            continue
+        if _preset_sets_first_stage(cell.preset):
+            out.append(cell)
+            continue
+        shared = study_dir / "shared" / cell.dataset
+        extra = {"autoencoder.dir": str(shared / "autoencoder")}
+        if "data.cache_dir" not in keys:
+            extra["data.cache_dir"] = str(shared / "latents")
+        out.append(replace(cell, overrides={**cell.overrides, **extra}))
+    return out
+
+
+def _check_configs(cells: list[Cell]) -> None:
+    """Build every cell's run config up front, so a typo fails now and not hours in."""
+    from sparsediff.config import load_config
+
+    for cell in cells:
+        try:
+            load_config(cell.preset, cell.overrides)
+        except ValueError as exc:
+            raise ValueError(f"cell {cell.id}: {exc}") from exc
+
+
+def _command() -> str:
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def write_study_json(study: Study, cells: list[Cell], study_dir: Path, devices: list[str]) -> Path:
+    """Record the resolved grid, and how it was launched, next to the results."""
+    path = study_dir / STUDY_FILE
+    data = {
+        "name": study.name,
+        "command": _command(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "devices": devices,
+        "study": study.to_dict(),
+        "cells": [{**c.to_dict(), "run_dir": f"runs/{c.id}"} for c in cells],
+    }
+    path.write_text(json.dumps(jsonable(data), indent=2) + "\n")
+    return path
+
+
+def run_study(
+    study_toml: Path,
+    out_dir: Path | None = None,
+    devices: list[str] | None = None,
+    train_fn: TrainFn | None = None,
+    evaluate_fn: EvaluateFn | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train and evaluate every unfinished cell of a study; return the study directory.
+
+    With ``devices`` (e.g. ``["cuda:0", "cuda:1"]``) cells run in that many worker processes,
+    one per device (CUDA_VISIBLE_DEVICES set per worker); ``train_fn``/``evaluate_fn`` must then
+    be picklable (module-level functions). Without, cells run one after another in-process.
+    """
+    study = load_study(study_toml)
+    study_dir = Path(out_dir) if out_dir is not None else study.default_out_dir()
+    cells = share_first_stage(expand_grid(study), study_dir)
+    if train_fn is None:
+        _check_configs(cells)
+    train_fn = train_fn or default_train
+    evaluate_fn = evaluate_fn or default_evaluate
+    study_dir.mkdir(parents=True, exist_ok=True)
+    write_study_json(study, cells, study_dir, list(devices or []))
+    results_path = study_dir / RESULTS_FILE
+    finished = {r["id"] for r in read_results(results_path)}
+    pending = [c for c in cells if c.id not in finished]
+    args = (study_dir, study.eval_num_samples, study.eval_seed, train_fn, evaluate_fn)
+    failed: dict[str, str] = {}
+    bar = tqdm(
+        total=len(cells),
+        initial=len(cells) - len(pending),
+        unit="cell",
+        desc=study.name,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+
+    def finish(cell: Cell, record: dict | None, error: BaseException | None) -> None:
+        if error is None:
+            append_result(results_path, record)
+        else:  # keep going: one broken cell must not cost the rest of a long sweep
+            failed[cell.id] = "".join(traceback.format_exception(error))
+            tqdm.write(f"cell {cell.id} failed:\n{failed[cell.id]}", file=sys.stderr)
+        bar.update(1)
+
+    with bar:
+        if not devices:
+            for cell in pending:
+                bar.set_description_str(cell.id)
+                try:
+                    record = run_cell(cell, *args)
+                except Exception as exc:
+                    finish(cell, None, exc)
+                else:
+                    finish(cell, record, None)
+        else:
+            done_datasets = {c.dataset for c in cells if c.id in finished}
+            cold = {c.dataset for c in pending if "autoencoder.dir" in c.overrides} - done_datasets
+            _run_pool(pending, args, devices, cold, bar, finish)
+    if failed:
+        raise StudyError(failed)
+    return study_dir
+
+
+def _run_pool(
+    pending: list[Cell],
+    args: tuple,
+    devices: list[str],
+    cold: set[str],
+    bar: tqdm,
+    finish: Callable[[Cell, dict | None, BaseException | None], None],
+) -> None:
+    """One worker per device; at most one cell in flight per worker, so the bar shows them.
+
+    ``cold`` datasets have no shared first stage yet: one cell at a time until one finishes.
+    """
+    ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch/CUDA is loaded
+    queue = ctx.Queue()
+    for device in devices:
+        queue.put(device)
+    todo = list(pending)
+    running: dict[Any, Cell] = {}
+    with ProcessPoolExecutor(
+        len(devices), mp_context=ctx, initializer=_claim_device, initargs=(queue,)
+    ) as pool:
+        while todo or running:
+            for cell in list(todo):
+                busy = {c.dataset for c in running.values()}
+                if len(running) < len(devices) and cell.dataset not in cold & busy:
+                    todo.remove(cell)
+                    running[pool.submit(run_cell, cell, *args)] = cell
+            bar.set_description_str(", ".join(c.id for c in running.values()))
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                cell = running.pop(future)
+                error = future.exception()
+                if error is None:
+                    cold.discard(cell.dataset)
+                finish(cell, None if error else future.result(), error)

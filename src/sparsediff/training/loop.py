@@ -1,0 +1,352 @@
+"""The one training loop both pipelines share.
+
+A pipeline hands the loop a :class:`Task` (a model, a dataset, a loss and optionally a sampler);
+the loop owns everything else: the optimizer (AdamW), the sparse engine, EMA, mixed precision,
+gradient accumulation and clipping, DDP, the resumable data order, atomic checkpoints, logging to
+``metrics.jsonl``, the progress bar and periodic sample grids.
+
+Resume is exact: the checkpoint holds the model, EMA, optimizer, grad scaler, sparse masks and
+schedule, global RNG, the data position and the step; per-step noise comes from a generator
+re-seeded from (seed, rank, step), so it needs no saved state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from sparsediff.config import SparseConfig, TrainConfig
+from sparsediff.sparsity import SparseTraining
+from sparsediff.training.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from sparsediff.training.distributed import Dist
+from sparsediff.training.ema import EMA
+
+LossFn = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]
+SampleFn = Callable[[nn.Module, Path], None]
+
+
+@dataclass
+class Task:
+    """What a pipeline gives the loop.
+
+    ``loss(model, batch, generator)`` returns a scalar; ``model`` may be the DDP wrapper, and
+    ``batch`` is already on the device. ``sample(model, path)`` writes a sample grid (PNG) from
+    the given model (the EMA copy when there is one).
+    """
+
+    model: nn.Module
+    dataset: Dataset
+    loss: LossFn
+    collate: Callable[[list], Any] | None = None
+    sample: SampleFn | None = None
+    use_ema: bool = True
+
+
+@dataclass
+class TrainState:
+    """Where the loop is: optimizer steps done and the data position."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EpochBatches:
+    """A seeded, resumable batch order: epoch e is a permutation seeded by (seed, e).
+
+    Each rank takes its own slice of every global batch, so DDP ranks never see the same sample
+    in one step. A dataset smaller than one global batch wraps around.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if n < 1:
+            raise ValueError("the dataset is empty")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.global_batch = batch_size * world
+        self.num_batches = max(1, n // self.global_batch)
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """The index lists this rank reads in ``epoch``."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=gen)
+        out = []
+        for b in range(self.num_batches):
+            start = b * self.global_batch + self.rank * self.batch_size
+            idx = [(start + i) % self.n for i in range(self.batch_size)]
+            out.append(perm[idx].tolist())
+        return out
+
+
+def learning_rate(cfg: TrainConfig, world_size: int) -> float:
+    """LDM's rule: lr = base_lr x batch x world x accumulation, unless ``lr`` is set."""
+    if cfg.lr > 0:
+        return cfg.lr
+    return cfg.base_lr * cfg.batch_size * world_size * cfg.grad_accum
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _step_generator(device: torch.device, seed: int, rank: int, step: int) -> torch.Generator:
+    """Per-step noise generator: stateless, so resume needs no generator state."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
+    return gen
+
+
+class Trainer:
+    """Runs one training stage of a pipeline; see the module docstring."""
+
+    def __init__(
+        self,
+        task: Task,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        dist: Dist,
+        seed: int = 0,
+        sparse_cfg: SparseConfig | None = None,
+        checkpoint_name: str = "checkpoint.pt",
+        log_name: str = "metrics.jsonl",
+        desc: str = "train",
+    ) -> None:
+        self.task, self.cfg, self.dist, self.seed = task, cfg, dist, seed
+        self.run_dir = Path(run_dir)
+        self.checkpoint_path = self.run_dir / checkpoint_name
+        self.log_path = self.run_dir / log_name
+        self.desc = desc
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = dist.device
+        self.model = task.model.to(self.device)
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if task.use_ema else None
+        self.wrapped: nn.Module = self.model
+        if dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        self.lr = learning_rate(cfg, dist.world_size)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=self.lr,
+            weight_decay=cfg.weight_decay,
+            fused=self.device.type == "cuda" or None,
+        )
+        self.sparse: SparseTraining | None = None
+        if sparse_cfg is not None:
+            self.sparse = SparseTraining(
+                self.wrapped,
+                self.optimizer,
+                method=sparse_cfg.method,
+                sparsity=sparse_cfg.sparsity,
+                distribution=sparse_cfg.distribution,
+                erk_power_scale=sparse_cfg.erk_power_scale,
+                update_interval=sparse_cfg.update_interval,
+                prune_ratio=sparse_cfg.prune_ratio,
+                prune_schedule=sparse_cfg.prune_schedule,
+                total_steps=cfg.steps,
+                stop_fraction=sparse_cfg.stop_fraction,
+                ema=self.ema.module if self.ema else None,
+                seed=seed,
+                exclude=tuple(sparse_cfg.exclude),
+                include=tuple(sparse_cfg.include) or None,
+            )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.batches = EpochBatches(
+            len(task.dataset), cfg.batch_size, seed, dist.rank, dist.world_size
+        )
+        self.state = TrainState()
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything resume needs, as tensors and plain containers."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loop": {
+                "step": self.state.step,
+                "epoch": self.state.epoch,
+                "batch_in_epoch": self.state.batch_in_epoch,
+            },
+            "rng": rng_state(),
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.sparse is not None:
+            state["sparse"] = self.sparse.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint into this trainer."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.sparse is not None:
+            self.sparse.load_state_dict(state["sparse"])
+        loop = state["loop"]
+        self.state = TrainState(loop["step"], loop["epoch"], loop["batch_in_epoch"])
+        set_rng_state(state["rng"])
+
+    def save(self) -> None:
+        """Atomic checkpoint (rank 0 only)."""
+        if self.dist.is_main:
+            save_atomic(self.state_dict(), self.checkpoint_path)
+
+    def maybe_resume(self) -> bool:
+        """Load the run's checkpoint when there is one."""
+        if not self.checkpoint_path.exists():
+            return False
+        self.load_state_dict(load_checkpoint(self.checkpoint_path, map_location=self.device))
+        return True
+
+    # ----------------------------------------------------------------------------- data
+    def _data(self) -> Iterator[Any]:
+        """Batches from the saved position on, forever; reports skipped files per epoch."""
+        while True:
+            order = self.batches.epoch(self.state.epoch)[self.state.batch_in_epoch :]
+            loader = DataLoader(
+                self.task.dataset,
+                batch_sampler=order,
+                collate_fn=self.task.collate,
+                num_workers=self.cfg.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+            for batch in loader:
+                self.state.batch_in_epoch += 1
+                if batch is not None:
+                    yield batch
+            report = getattr(self.task.dataset, "pop_skipped_report", lambda: None)()
+            if report and self.dist.is_main:
+                tqdm.write(f"[{self.desc}] epoch {self.state.epoch}: {report}")
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    # ----------------------------------------------------------------------------- loop
+    def train(self) -> TrainState:
+        """Train until ``cfg.steps`` (or ``cfg.stop_at``); returns the final state."""
+        cfg = self.cfg
+        end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
+        data = self._data()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.state.step,
+            desc=self.desc,
+            disable=not (self.dist.is_main and cfg.progress),
+            dynamic_ncols=True,
+        )
+        losses: list[float] = []
+        tick = time.perf_counter()
+        steps_since = 0
+        self.model.train()
+        while self.state.step < end:
+            loss = self._optimizer_step(data)
+            self.state.step += 1
+            steps_since += 1
+            losses.append(loss)
+            bar.update(1)
+            step = self.state.step
+            if step % cfg.log_every == 0 or step == end:
+                rate = steps_since / max(time.perf_counter() - tick, 1e-9)
+                record = self._log(step, sum(losses) / len(losses), rate)
+                postfix = {"loss": f"{record['loss']:.4f}", "step/s": f"{rate:.2f}"}
+                if "density" in record:
+                    postfix["density"] = f"{record['density']:.3f}"
+                bar.set_postfix(postfix)
+                losses, steps_since, tick = [], 0, time.perf_counter()
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end:
+                self.save()
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+                self.write_samples(self.run_dir / "samples" / f"step-{step:07d}.png")
+        bar.close()
+        if self.sparse is not None and self.dist.enabled:
+            self.sparse.verify_consistent()  # one all-reduce: masks must agree on every rank
+        self.save()
+        return self.state
+
+    def _optimizer_step(self, data: Iterator[Any]) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+        cfg = self.cfg
+        gen = _step_generator(self.device, self.seed, self.dist.rank, self.state.step)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = _to_device(next(data), self.device)
+            last = micro == cfg.grad_accum - 1
+            sync = self.wrapped.no_sync() if self.dist.enabled and not last else nullcontext()
+            with sync:
+                with torch.autocast(
+                    self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+                ):
+                    loss = self.task.loss(self.wrapped, batch, gen) / cfg.grad_accum
+                self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        if not math.isfinite(total) and self.amp_dtype is None:
+            raise FloatingPointError(f"loss is {total} at step {self.state.step}")
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            if self.sparse is not None:
+                self.sparse.clip_grad_norm_(cfg.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)  # the sparse engine acts in the optimizer's step hooks
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return total
+
+    def _log(self, step: int, loss: float, rate: float) -> dict[str, Any]:
+        from sparsediff.training.distributed import all_mean
+
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": all_mean(loss, self.dist),
+            "lr": self.lr,
+            "steps_per_s": rate,
+            "epoch": self.state.epoch,
+            "time": time.time(),
+        }
+        if self.sparse is not None:
+            stats = self.sparse.stats()
+            for key in ("density", "itop_rate", "prune_fraction", "churn", "update_time_s"):
+                if stats.get(key) is not None:
+                    record[key] = float(stats[key])
+            record["last_update_step"] = stats.get("last_update_step")
+        if self.dist.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    @torch.no_grad()
+    def write_samples(self, path: Path) -> None:
+        """A sample grid from the EMA model (or the live one), rank 0 only."""
+        if self.task.sample is None or not self.dist.is_main:
+            return
+        model = self.ema.module if self.ema is not None else self.model
+        was_training = model.training
+        model.eval()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.task.sample(model, path)
+        model.train(was_training)

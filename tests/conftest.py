@@ -1,0 +1,33 @@
+"""Shared test fixtures: small data files the tests write themselves."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 IDX file (gzip), the format of (Fashion-)MNIST."""
+    magic = 0x0800 | array.ndim
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Fashion-MNIST-shaped dataset: blobs and bars on 28x28, 96 train / 24 test."""
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 96), ("t10k", 24)):
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        for i in range(n):
+            y0, x0 = rng.integers(4, 14, size=2)
+            images[i, y0 : y0 + 10, x0 : x0 + 6 + i % 5] = 200 + i % 50
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return root

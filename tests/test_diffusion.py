@@ -1,0 +1,278 @@
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from sparsediff.diffusion.losses import epsilon_mse, q_sample
+from sparsediff.diffusion.samplers import build_sampling_scheduler, sample
+from sparsediff.diffusion.schedules import make_betas, make_scheduler
+
+
+def linear_eps(x, t):
+    return 0.1 * x
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def test_ldm_betas_golden_values():
+    betas = make_betas("ldm", 1000)
+    assert betas.dtype == torch.float64 and betas.shape == (1000,)
+    assert betas[0].item() == pytest.approx(0.0015, rel=1e-12)
+    assert betas[-1].item() == pytest.approx(0.0195, rel=1e-12)
+    # (√0.0015 + 499/999·(√0.0195 − √0.0015))², evaluated once by hand.
+    assert betas[499].item() == pytest.approx(0.007945156998524846, rel=1e-12)
+    abar = torch.cumprod(1 - betas, 0)
+    assert abar[-1].item() == pytest.approx(1.42304e-4, rel=1e-5)
+
+
+def test_ldm_schedule_equals_diffusers_scaled_linear():
+    ref = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195
+    )
+    torch.testing.assert_close(make_betas("ldm", 1000), ref.betas.double(), rtol=0, atol=1e-8)
+    sched = make_scheduler("ldm", 1000)
+    torch.testing.assert_close(sched.alphas_cumprod, ref.alphas_cumprod)
+    assert sched.config.prediction_type == "epsilon" and sched.config.clip_sample is False
+
+
+def test_chirodiff_linear_schedule_rescaled_to_T():
+    betas = make_betas("linear", 50)
+    assert betas[0].item() == pytest.approx(1e-4 * 1000 / 50)
+    assert betas[-1].item() == pytest.approx(2e-2 * 1000 / 50)
+    assert torch.allclose(betas.diff(), betas.diff()[0].expand(49))
+    sched = make_scheduler("linear", 50)
+    torch.testing.assert_close(sched.betas.double(), betas, rtol=0, atol=1e-7)
+    # At T = 1000 the rescaling is the identity: Ho et al.'s 1e-4 → 2e-2.
+    assert make_betas("linear", 1000)[-1].item() == pytest.approx(0.02)
+
+
+def test_cosine_schedule_equals_diffusers_squaredcos():
+    betas = make_betas("cosine", 1000)
+    sched = make_scheduler("cosine", 1000)
+    torch.testing.assert_close(sched.betas.double(), betas, rtol=0, atol=1e-7)
+    assert betas.max().item() <= 0.999
+
+
+def test_unknown_schedule_and_sampler_raise():
+    with pytest.raises(ValueError, match="schedule kind"):
+        make_betas("quadratic", 10)
+    with pytest.raises(ValueError, match="sampler"):
+        make_scheduler(sampler="euler")
+
+
+def test_ddim_timesteps_leading_with_offset():
+    sched = make_scheduler(sampler="ddim")
+    assert isinstance(sched, DDIMScheduler)
+    assert sched.config.set_alpha_to_one is False and sched.config.steps_offset == 1
+    sched.set_timesteps(50)
+    ts = sched.timesteps.tolist()
+    assert ts[0] == 981 and ts[-1] == 1 and len(ts) == 50
+    assert all(a - b == 20 for a, b in zip(ts, ts[1:]))
+
+
+def test_ddim_built_from_training_config_gets_compvis_settings():
+    sched = build_sampling_scheduler(make_scheduler(sampler="ddpm"), "ddim")
+    assert isinstance(sched, DDIMScheduler)
+    assert sched.config.set_alpha_to_one is False and sched.config.steps_offset == 1
+    # And the other way round: full-chain DDPM from a DDIM config must not index ᾱ_T.
+    back = build_sampling_scheduler(make_scheduler(sampler="ddim"), "ddpm")
+    back.set_timesteps(1000)
+    assert back.timesteps.max().item() == 999
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_q_sample_matches_diffusers_add_noise():
+    sched = make_scheduler()
+    x0, noise = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(
+        q_sample(x0, t, noise, sched.alphas_cumprod), sched.add_noise(x0, noise, t)
+    )
+
+
+def test_epsilon_mse_oracle_zero_and_null_model_one():
+    sched = make_scheduler()
+    x0 = torch.randn(256, 2, 4, 4)
+    abar = sched.alphas_cumprod
+
+    def oracle(x_t, t):  # inverts q_sample exactly: returns the true ε
+        a = abar[t].reshape(-1, 1, 1, 1)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    g = torch.Generator().manual_seed(0)
+    assert epsilon_mse(oracle, x0, sched, generator=g).item() < 1e-6
+    null = epsilon_mse(
+        lambda x, t: torch.zeros_like(x), x0, sched, torch.Generator().manual_seed(0)
+    )
+    assert null.item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_epsilon_mse_reproducible_and_samples_all_timesteps():
+    sched = make_scheduler(num_timesteps=10)
+    seen = []
+
+    def model(x, t):
+        seen.append(t)
+        return x
+
+    x0 = torch.randn(512, 1, 2, 2)
+    a = epsilon_mse(model, x0, sched, torch.Generator().manual_seed(3))
+    b = epsilon_mse(model, x0, sched, torch.Generator().manual_seed(3))
+    assert a.item() == b.item()
+    ts = torch.cat(seen)
+    assert ts.min().item() == 0 and ts.max().item() == 9
+
+
+def test_epsilon_mse_mask_and_reduce_fn():
+    sched = make_scheduler()
+    x0 = torch.randn(8, 1, 4, 4)
+    mask = torch.zeros(8, 1, 4, 4)
+    mask[..., :2] = 1
+
+    def half_oracle(x_t, t):  # right on the masked-in half, garbage elsewhere
+        a = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        eps[..., 2:] = 100.0
+        return eps
+
+    g = torch.Generator().manual_seed(0)
+    assert epsilon_mse(half_oracle, x0, sched, g, mask=mask).item() < 1e-6
+    assert epsilon_mse(half_oracle, x0, sched, torch.Generator().manual_seed(0)).item() > 100
+    calls = []
+    out = epsilon_mse(
+        half_oracle, x0, sched, reduce_fn=lambda p, n: calls.append((p, n)) or p.new_tensor(7.0)
+    )
+    assert out.item() == 7.0 and calls[0][0].shape == x0.shape
+
+
+# ---------------------------------------------------------------- samplers
+
+
+def hand_ddim(x, abar, timesteps, eps_fn):
+    """CompVis DDIM (η = 0) with ᾱ_prev = ᾱ_0 at the last step (set_alpha_to_one=False)."""
+    for i, t in enumerate(timesteps):
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        a, a_prev = abar[t], abar[prev] if prev is not None else abar[0]
+        eps = eps_fn(x)
+        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    return x
+
+
+def test_ddim_golden_value_and_hand_written_loop():
+    sched = make_scheduler()
+    out = sample(
+        linear_eps,
+        (2, 3, 8, 8),
+        sched,
+        "ddim",
+        steps=10,
+        generator=torch.Generator().manual_seed(0),
+    )
+    # Pinned once from this implementation (torch CPU float32).
+    assert out.sum().item() == pytest.approx(388.3079, rel=1e-5)
+    x_T = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0)).double()
+    abar = torch.cumprod(1 - make_betas("ldm", 1000), 0).tolist()
+    timesteps = [901 - 100 * i for i in range(10)]
+    ref = hand_ddim(x_T, abar, timesteps, lambda x: 0.1 * x)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_passes_timestep_batches_to_model():
+    calls = []
+
+    def model(x, t):
+        calls.append(t.clone())
+        return torch.zeros_like(x)
+
+    sample(model, (3, 1, 2, 2), make_scheduler(), "ddim", steps=5)
+    assert [c.tolist() for c in calls] == [[t] * 3 for t in (801, 601, 401, 201, 1)]
+    assert calls[0].dtype == torch.long
+
+
+def test_ddpm_matches_diffusers_step_loop():
+    sched = make_scheduler("linear", 50)
+    shape = (2, 1, 4, 4)
+    ours = sample(linear_eps, shape, sched, "ddpm", generator=torch.Generator().manual_seed(5))
+    ref = DDPMScheduler.from_config(sched.config)
+    ref.set_timesteps(50)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g)
+    for t in ref.timesteps:
+        x = ref.step(linear_eps(x, t), t, x, generator=g).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+
+
+def test_ddpm_strided_steps_match_diffusers():
+    sched = make_scheduler()
+    ours = sample(
+        linear_eps,
+        (1, 2, 3, 3),
+        sched,
+        "ddpm",
+        steps=20,
+        generator=torch.Generator().manual_seed(1),
+    )
+    ref = DDPMScheduler.from_config(sched.config)
+    ref.set_timesteps(20)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((1, 2, 3, 3), generator=g)
+    for t in ref.timesteps:
+        x = ref.step(linear_eps(x, t), t, x, generator=g).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+
+
+def test_ddpm_variance_scale_zero_is_deterministic_and_scale_is_linear():
+    sched = make_scheduler("linear", 50)
+    x_T = torch.randn(2, 1, 4, 4)
+
+    def run(scale, seed):
+        g = torch.Generator().manual_seed(seed)
+        return sample(
+            linear_eps, x_T.shape, sched, "ddpm", generator=g, variance_scale=scale, x_T=x_T
+        )
+
+    torch.testing.assert_close(run(0.0, 1), run(0.0, 2))
+    assert not torch.allclose(run(1.0, 1), run(1.0, 2))
+    # The chain is linear in the injected noise for a linear model: noise part scales with it.
+    base, full, half = run(0.0, 1), run(1.0, 1), run(0.5, 1)
+    torch.testing.assert_close(half - base, 0.5 * (full - base), rtol=1e-4, atol=1e-5)
+
+
+def test_ddim_eta_uses_generator_and_variance_scale():
+    sched = make_scheduler()
+    x_T = torch.randn(2, 1, 4, 4)
+
+    def run(eta, seed, scale=1.0):
+        g = torch.Generator().manual_seed(seed)
+        return sample(
+            linear_eps,
+            x_T.shape,
+            sched,
+            "ddim",
+            steps=10,
+            eta=eta,
+            generator=g,
+            variance_scale=scale,
+            x_T=x_T,
+        )
+
+    torch.testing.assert_close(run(0.0, 1), run(0.0, 2))
+    torch.testing.assert_close(run(1.0, 1), run(1.0, 1))
+    assert not torch.allclose(run(1.0, 1), run(1.0, 2))
+    base, full, half = run(1.0, 1, 0.0), run(1.0, 1, 1.0), run(1.0, 1, 0.5)
+    torch.testing.assert_close(half - base, 0.5 * (full - base), rtol=1e-4, atol=1e-5)
+
+
+def test_sample_accepts_config_mapping_and_rejects_bad_sampler():
+    sched = make_scheduler()
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a = sample(linear_eps, (1, 1, 2, 2), sched, "ddim", steps=4, generator=g1)
+    b = sample(linear_eps, (1, 1, 2, 2), dict(sched.config), "ddim", steps=4, generator=g2)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="sampler"):
+        sample(linear_eps, (1, 1, 2, 2), sched, "plms")

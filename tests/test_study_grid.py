@@ -1,0 +1,178 @@
+"""Study TOML parsing and grid expansion."""
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sparsediff.study.grid import (
+    cell_id,
+    expand_grid,
+    fmt_value,
+    load_study,
+    parse_study,
+    preset_pipeline,
+)
+
+STUDIES = Path(__file__).resolve().parents[1] / "configs" / "studies"
+
+
+def _study(**kw):
+    raw = {
+        "name": "t",
+        "methods": ["dense", "static", "rigl", "magran"],
+        "sparsities": [0.25, 0.5, 0.75],
+        "prune_ratios": [0.05, 0.5],
+        "seeds": [0, 1],
+        "datasets": [
+            {"name": "a", "preset": "ldm-a", "pipeline": "ldm"},
+            {"name": "b", "preset": "chirodiff-b", "pipeline": "chirodiff"},
+        ],
+    }
+    raw.update(kw)
+    return parse_study(raw)
+
+
+def test_grid_counts_per_method():
+    cells = expand_grid(_study())
+    # per dataset: dense 2 seeds, static 3x2, rigl and magran 3x2x2 each
+    counts = Counter((c.dataset, c.method) for c in cells)
+    for ds in ("a", "b"):
+        assert counts[(ds, "dense")] == 2
+        assert counts[(ds, "static")] == 6
+        assert counts[(ds, "rigl")] == 12
+        assert counts[(ds, "magran")] == 12
+    assert len(cells) == 64
+    assert len({c.id for c in cells}) == 64
+
+
+def test_grid_subset_of_methods():
+    cells = expand_grid(_study(methods=["dense", "magran"], seeds=[3]))
+    assert Counter(c.method for c in cells) == {"dense": 2, "magran": 12}
+    assert {c.seed for c in cells} == {3}
+
+
+def test_cell_fields_and_ids():
+    cells = {c.id: c for c in expand_grid(_study())}
+    dense = cells["a/dense-seed1"]
+    assert (dense.sparsity, dense.prune_ratio, dense.seed) == (0.0, None, 1)
+    assert dense.overrides == {"sparse.method": "dense", "sparse.sparsity": 0.0, "seed": 1}
+    static = cells["b/static-s0.25-seed0"]
+    assert static.prune_ratio is None and "sparse.prune_ratio" not in static.overrides
+    rigl = cells["a/rigl-s0.50-p0.05-seed0"]
+    assert rigl.overrides["sparse.prune_ratio"] == 0.05
+    assert rigl.overrides["sparse.method"] == "rigl"
+    assert rigl.pipeline == "ldm" and rigl.preset == "ldm-a"
+    assert "b/magran-s0.75-p0.50-seed1" in cells
+
+
+def test_value_format_keeps_distinct_values_apart():
+    assert fmt_value(0.5) == "0.50"
+    assert fmt_value(0.005) == "0.005"
+    assert fmt_value(0.125) == "0.125"
+    assert cell_id("x", "rigl", 0.9, 0.005, 2) == "x/rigl-s0.90-p0.005-seed2"
+
+
+def test_override_precedence_and_flattening(tmp_path):
+    toml = tmp_path / "s.toml"
+    toml.write_text(
+        """
+methods = ["static"]
+sparsities = [0.5]
+[overrides]
+"train.steps" = 10
+eval.num_samples = 7
+[[datasets]]
+name = "d"
+preset = "ldm-d"
+overrides = { "train.steps" = 20, data = { path = "/x" } }
+"""
+    )
+    study = load_study(toml)
+    assert study.name == "s"  # the file's stem
+    assert study.default_out_dir() == Path("studies/s")
+    (cell,) = expand_grid(study)
+    assert cell.overrides == {
+        "train.steps": 20,
+        "eval.num_samples": 7,
+        "data.path": "/x",
+        "sparse.method": "static",
+        "sparse.sparsity": 0.5,
+        "seed": 0,
+    }
+
+
+def test_pipeline_read_from_preset_file(tmp_path):
+    preset = tmp_path / "ldm-but-not-really.toml"
+    preset.write_text('pipeline = "chirodiff"\n')
+    assert preset_pipeline(str(preset)) == "chirodiff"
+    assert preset_pipeline("chirodiff-nonexistent-preset") == "chirodiff"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"methods": ["dense", "set"]},
+        {"sparsities": [0.5, 1.0]},
+        {"sparsities": [0.5, 0.5]},
+        {"prune_ratios": [0.0]},
+        {"seeds": [0.5]},
+        {"seeds": []},
+        {"sparsities": []},
+        {"prune_ratios": []},
+        {"datasets": []},
+        {"datasets": [{"name": "a/b", "preset": "x"}]},
+        {"datasets": [{"name": "a", "preset": "x"}, {"name": "a", "preset": "y"}]},
+        {"datasets": [{"name": "a", "preset": "x", "steps": 3}]},
+        {"overrides": {"sparse": {"sparsity": 0.3}}},
+        {"overrides": {"seed": 1}},
+        {"eval": {"num_samples": "many"}},
+        {"typo": 1},
+    ],
+)
+def test_invalid_studies_are_rejected(change):
+    with pytest.raises(ValueError):
+        _study(**change)
+
+
+def test_dense_only_study_needs_no_sparsities():
+    cells = expand_grid(_study(methods=["dense"], sparsities=[], prune_ratios=[]))
+    assert [c.id for c in cells] == [
+        "a/dense-seed0",
+        "a/dense-seed1",
+        "b/dense-seed0",
+        "b/dense-seed1",
+    ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ldm-celebahq",
+        "ldm-lsun-bedrooms",
+        "ldm-imagenette",
+        "chirodiff-quickdraw",
+        "chirodiff-kanjivg",
+        "chirodiff-vmnist",
+    ],
+)
+def test_paper_study_presets(name):
+    study = load_study(STUDIES / f"{name}.toml")
+    cells = expand_grid(study)
+    assert [d.preset for d in study.datasets] == [name]
+    assert study.sparsities == [0.1, 0.25, 0.5, 0.75, 0.9]
+    assert study.prune_ratios == [0.05, 0.5]
+    assert study.seeds == [0, 1, 2]
+    assert len(cells) == 3 + 15 + 30 + 30
+    assert study.datasets[0].pipeline == name.split("-")[0]
+
+
+def test_quick_and_extended_presets():
+    quick = load_study(STUDIES / "quick.toml")
+    cells = expand_grid(quick)
+    assert [d.preset for d in quick.datasets] == ["ldm-fashion-mnist", "chirodiff-kanjivg"]
+    assert len(cells) == 8
+    assert all(c.sparsity in (0.0, 0.5) for c in cells)
+    assert all("train.steps" not in c.overrides for c in cells)  # the presets' tuned defaults
+    extended = load_study(STUDIES / "extended.toml")
+    assert len(expand_grid(extended)) == 2 * (3 + 12 + 24 + 24)

@@ -1,0 +1,186 @@
+"""The report from a hand-made results file with known answers."""
+
+import json
+import math
+
+from PIL import Image
+
+from sparsediff.study.report import (
+    Stat,
+    compare_prune_ratios,
+    cost_table,
+    fid_table,
+    group_settings,
+    metric_table,
+    safe_values,
+    write_report,
+)
+from sparsediff.study.sweep import append_result
+
+PROTOCOL = {"num_samples": 1000, "sampler": "ddim", "steps": 50, "eta": 0.0, "features": "incv3"}
+
+# dataset "toy", two seeds: (method, p, sparsity) -> FIDs by seed
+TOY = {
+    ("dense", None, 0.0): [10.0, 12.0],  # 11.00 ± 1.41
+    ("static", None, 0.5): [11.0, 11.0],  # 11.00 ± 0.00 -> safe (ties dense)
+    ("static", None, 0.9): [20.0, 22.0],  # 21.00 ± 1.41 -> not safe
+    ("rigl", 0.05, 0.5): [9.0, 10.0],  # 9.50 ± 0.71 -> best at 50%, beats dense
+    ("rigl", 0.05, 0.9): [12.0, 12.6],  # 12.30 ± 0.42 -> within 11 + 1.41: safe
+    ("rigl", 0.5, 0.5): [10.5, 11.5],  # 11.00 ± 0.71 -> safe
+    ("rigl", 0.5, 0.9): [16.0, 18.0],  # 17.00 ± 1.41 -> not safe
+    ("magran", 0.05, 0.5): [10.0],  # one seed only: 10.00 (n=1), safe but weak
+}
+# dataset "single", one seed each: the 5% rule (dense 20 -> threshold 21)
+SINGLE = {
+    ("dense", None, 0.0): [20.0],
+    ("static", None, 0.5): [20.9],
+    ("rigl", 0.05, 0.5): [21.5],
+}
+
+
+def _record(dataset, method, p, sparsity, seed, fid, samples=None):
+    density = 1 - sparsity
+    return {
+        "id": f"{dataset}/{method}-{sparsity}-{p}-seed{seed}",
+        "dataset": dataset,
+        "preset": f"fake-{dataset}",
+        "pipeline": "ldm",
+        "method": method,
+        "sparsity": sparsity,
+        "prune_ratio": p,
+        "seed": seed,
+        "metrics": {"fid": fid, "kid_mean": 0.002 + 0.001 * seed, "precision": 0.6, "recall": 0.4},
+        "cost": {
+            "params_total": 2000,
+            "params_nonzero": 2000 * density,
+            "params_dense_total": 2000,
+            "train_flops": 3e12 * density * (1.1 if method == "rigl" else 1.0),
+            "train_flops_dense": 3e12,
+            "inference_flops": 1e9 * density,
+            "inference_flops_dense": 1e9,
+            "sample_flops": 5e10 * density,
+            "sample_flops_dense": 5e10,
+            "sampling_seconds": 1.0,
+        },
+        "protocol": PROTOCOL,
+        "samples_grid": samples,
+        "run_dir": f"runs/{dataset}/{method}",
+    }
+
+
+def _records(table, dataset):
+    return [
+        _record(dataset, m, p, s, seed, fid)
+        for (m, p, s), fids in table.items()
+        for seed, fid in enumerate(fids)
+    ]
+
+
+def _parse(table):
+    """Markdown table -> {row label: [cells]}, plus the header."""
+    lines = table.splitlines()
+    split = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return split[0], {row[0]: row[1:] for row in split[2:]}
+
+
+def test_stat():
+    assert Stat.of([10.0, 12.0]).format() == "11.00 ± 1.41"
+    assert Stat.of([10.0]).format() == "10.00"
+    assert Stat.of([10.0]).format(n_full=2) == "10.00 (n=1)"
+    assert Stat.of([None, float("nan")]).format() == "–"
+    assert math.isclose(Stat.of([1.0, 2.0, 3.0]).std, 1.0)
+
+
+def test_fid_table_cells_and_bold():
+    settings = group_settings(_records(TOY, "toy"))["toy"]
+    header, rows = _parse(fid_table(settings))
+    assert header == ["FID ↓ / sparsity", "50%", "90%"]
+    assert list(rows) == ["Dense", "Static", "RigL (p=0.05)", "RigL (p=0.5)", "MagRan (p=0.05)"]
+    assert rows["Dense"] == ["11.00 ± 1.41", "11.00 ± 1.41"]
+    assert rows["Static"] == ["11.00 ± 0.00", "21.00 ± 1.41"]
+    assert rows["RigL (p=0.05)"] == ["**9.50 ± 0.71**", "**12.30 ± 0.42**"]
+    assert rows["RigL (p=0.5)"] == ["11.00 ± 0.71", "17.00 ± 1.41"]
+    assert rows["MagRan (p=0.05)"] == ["10.00 (n=1)", "–"]
+
+
+def test_higher_is_better_tables_bold_the_maximum():
+    records = _records(TOY, "toy")
+    for r in records:
+        r["metrics"]["recall"] = r["sparsity"] + (0.01 if r["method"] == "static" else 0.0)
+    settings = group_settings(records)["toy"]
+    _, rows = _parse(metric_table(settings, "recall", "Recall", 3, 1.0, higher_better=True))
+    assert rows["Static"] == ["**0.510 ± 0.000**", "**0.910 ± 0.000**"]
+    assert rows["RigL (p=0.05)"][0] == "0.500 ± 0.000"
+
+
+def test_cost_table_relative_to_dense():
+    settings = group_settings(_records(TOY, "toy"))["toy"]
+    header, rows = _parse(cost_table(settings))
+    assert header[1:] == ["50%", "90%"]
+    assert rows["Static"] == ["0.500 / 0.500 / 0.500 / 0.500", "0.100 / 0.100 / 0.100 / 0.100"]
+    assert rows["RigL (p=0.05)"][0] == "0.500 / 0.550 / 0.500 / 0.500"
+    assert "Dense" not in rows
+
+
+def test_safe_values_with_seed_spread():
+    verdicts = safe_values(_records(TOY, "toy"))["toy"]
+    safe = {v.setting.label for v in verdicts if v.safe}
+    assert safe == {
+        "Static at 50%",
+        "RigL (p=0.05) at 50%",
+        "RigL (p=0.05) at 90%",
+        "RigL (p=0.5) at 50%",
+        "MagRan (p=0.05) at 50%",
+    }
+    by_label = {v.setting.label: v for v in verdicts}
+    assert by_label["RigL (p=0.05) at 50%"].beats
+    assert not by_label["RigL (p=0.05) at 90%"].beats  # matches within the spread, not better
+    assert math.isclose(by_label["RigL (p=0.05) at 90%"].tolerance, math.sqrt(2))
+    assert by_label["MagRan (p=0.05) at 50%"].weak
+    assert not by_label["Static at 50%"].weak
+
+
+def test_safe_values_single_seed_relative_rule():
+    verdicts = safe_values(_records(SINGLE, "single"))["single"]
+    assert {v.setting.label: v.safe for v in verdicts} == {
+        "Static at 50%": True,
+        "RigL (p=0.05) at 50%": False,
+    }
+    assert all(v.weak and math.isclose(v.tolerance, 1.0) for v in verdicts)
+
+
+def test_prune_ratio_comparison_at_highest_sparsity():
+    (c,) = compare_prune_ratios(_records(TOY, "toy"))  # magran has one p: no comparison
+    assert (c.dataset, c.method, c.sparsity, c.p_low, c.p_high) == ("toy", "rigl", 0.9, 0.05, 0.5)
+    assert c.low_better and c.conclusive
+    assert "p = 0.05 is better than p = 0.5 (beyond the seed spread)" in c.describe()
+
+
+def test_write_report_from_hand_made_results(tmp_path):
+    records = _records(TOY, "toy") + _records(SINGLE, "single")
+    img = tmp_path / "runs" / "grid.png"
+    img.parent.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(img)
+    for r in records:
+        r["samples_grid"] = "runs/grid.png" if r["dataset"] == "toy" else str(tmp_path / "gone.png")
+        append_result(tmp_path / "results.jsonl", r)
+    study = {"name": "hand", "command": "sparsediff study hand.toml", "cells": records}
+    study["study"] = {"datasets": [{"name": "single"}, {"name": "toy"}]}
+    (tmp_path / "study.json").write_text(json.dumps(study))
+
+    text = write_report(tmp_path).read_text()
+    assert text.startswith("# Study report: hand")
+    assert "`sparsediff study hand.toml`" in text
+    assert text.index("## single") < text.index("## toy")  # the study's order
+    assert "| RigL (p=0.05) | **9.50 ± 0.71** | **12.30 ± 0.42** |" in text
+    assert "| sampler | ddim | ddim |" in text
+    assert "| features | incv3 | incv3 |" in text
+    assert "- **toy**: 5 of 7 sparse settings are safe." in text
+    assert "- **single**: 1 of 2 sparse settings are safe." in text
+    assert "Safe on every dataset: Static at 50%." in text
+    assert "Dense: 2.00 k non-zero parameters, 3.00 TFLOP to train" in text
+    out = tmp_path / "report"
+    for name in ("fid_vs_sparsity_toy.png", "fid_vs_train_flops_single.png", "samples_toy.png"):
+        assert (out / name).stat().st_size > 0
+    assert not (out / "samples_single.png").exists()  # no image to show
+    assert "KID ×10³ ↓ / sparsity" in text

@@ -1,0 +1,63 @@
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from sparsediff.models.unet import UNET_PRESETS, build_unet
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_ldm4_preset_is_the_274m_ldm4_unet():
+    with torch.device("meta"):
+        unet = build_unet("ldm4")
+    assert isinstance(unet, UNet2DModel)
+    assert round(n_params(unet) / 1e6, 2) == 274.06
+    cfg = unet.config
+    assert cfg.sample_size == 64 and cfg.in_channels == 3 and cfg.out_channels == 3
+    assert tuple(cfg.block_out_channels) == (224, 448, 672, 896)
+    assert cfg.layers_per_block == 2 and cfg.attention_head_dim == 32
+    # Attention at latent resolutions 32, 16, 8 (levels 1-3), none at 64.
+    assert tuple(cfg.down_block_types) == (
+        "DownBlock2D",
+        "AttnDownBlock2D",
+        "AttnDownBlock2D",
+        "AttnDownBlock2D",
+    )
+    assert tuple(cfg.up_block_types) == (
+        "AttnUpBlock2D",
+        "AttnUpBlock2D",
+        "AttnUpBlock2D",
+        "UpBlock2D",
+    )
+
+
+def test_small_preset_on_meta():
+    with torch.device("meta"):
+        unet = build_unet("small")
+    assert round(n_params(unet) / 1e6, 2) == 22.41
+
+
+@pytest.mark.parametrize(("preset", "max_params"), [("fmnist", 1_000_000), ("tiny", 20_000)])
+def test_cpu_presets_are_small_and_run(preset, max_params):
+    torch.manual_seed(0)
+    unet = build_unet(preset)
+    assert n_params(unet) < max_params
+    x = torch.randn(2, 3, 8, 8)
+    out = unet(x, torch.tensor([0, 999])).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
+
+
+def test_overrides_and_preset_isolation():
+    unet = build_unet("tiny", in_channels=1, out_channels=1, sample_size=16)
+    assert unet.config.in_channels == 1 and unet.config.sample_size == 16
+    assert unet(torch.randn(1, 1, 16, 16), torch.tensor([5])).sample.shape == (1, 1, 16, 16)
+    assert UNET_PRESETS["tiny"]["in_channels"] == 3  # overrides must not leak into presets
+
+
+def test_unknown_preset_raises():
+    with pytest.raises(ValueError, match="unknown UNet preset"):
+        build_unet("ldm8")
