@@ -18,6 +18,15 @@ from sparsediff.models.autoencoder import (
 )
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    # Tiny models: one intra-op thread avoids OpenMP oversubscription stalls on shared CPUs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -100,7 +109,7 @@ def test_short_training_reduces_reconstruction_error():
     x = torch.stack([torch.stack([xx * s, yy * s, xx * yy]) for s in torch.linspace(-1, 1, 8)])
     opt = torch.optim.Adam(ae.parameters(), lr=3e-3)
     first = None
-    for _ in range(30):
+    for _ in range(15):
         loss, logs = autoencoder_loss(ae, x)
         first = first if first is not None else logs["l1"]
         opt.zero_grad()

@@ -9,6 +9,15 @@ from sparsediff.diffusion.samplers import build_sampling_scheduler, sample
 from sparsediff.diffusion.schedules import make_betas, make_scheduler
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    # Tiny models: one intra-op thread avoids OpenMP oversubscription stalls on shared CPUs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def linear_eps(x, t):
     return 0.1 * x
 

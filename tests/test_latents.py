@@ -12,6 +12,15 @@ from sparsediff.data.latents import LatentCache, LatentDataset
 from sparsediff.models.autoencoder import build_autoencoder, encode_latents
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    # Tiny models: one intra-op thread avoids OpenMP oversubscription stalls on shared CPUs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def image_folder(root, n=5, corrupt=0):
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -88,15 +97,17 @@ def test_all_unreadable_is_an_error(tmp_path):
         LatentCache.build_or_load(tmp_path / "c", tiny_ae(), ds, 2, progress=False)
 
 
-def test_scale_by_std_and_float16_storage(tmp_path):
+def test_scale_factor_is_recorded_not_applied_and_float16_storage(tmp_path):
     ds = image_folder(tmp_path / "imgs", n=4)
     ae = tiny_ae()
-    plain = LatentCache.build_or_load(tmp_path / "c", ae, ds, 4, progress=False)
-    assert plain.scale_factor == 1.0
-    scaled = LatentCache.load(plain.path, scale_by_std=True)
-    assert scaled.scale_factor == pytest.approx(1 / plain.std)
-    assert scaled.as_tensor().std().item() == pytest.approx(1.0, rel=1e-4)
-    torch.testing.assert_close(scaled.unscale(scaled[0]), plain[0])
+    lat = LatentCache.build_or_load(tmp_path / "c", ae, ds, 4, progress=False)
+    with torch.no_grad():
+        ref = encode_latents(ae.eval(), torch.stack([ds[i] for i in range(4)]))
+    torch.testing.assert_close(lat[0], ref[0], rtol=1e-5, atol=1e-5)  # items are unscaled
+    assert lat.scale_factor == pytest.approx(1 / ref.double().std().item(), rel=1e-5)
+    assert (lat.as_tensor() * lat.scale_factor).std().item() == pytest.approx(1.0, rel=1e-4)
+    per_channel = ref.transpose(0, 1).reshape(3, -1).double().std(dim=1)
+    assert lat.channel_std == pytest.approx(per_channel.tolist(), rel=1e-5)
     half = LatentCache.build_or_load(tmp_path / "c", ae, ds, 4, dtype=torch.float16, progress=False)
     assert half.latents.dtype == torch.float16 and half[0].dtype == torch.float32
-    torch.testing.assert_close(half.as_tensor(), plain.as_tensor(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(half.as_tensor(), lat.as_tensor(), rtol=2e-3, atol=2e-3)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -78,6 +79,26 @@ def test_ldm_tiny_end_to_end(tmp_path, ldm_sets):
     assert c["train_flops"] < c["train_flops_dense"]
     assert list(run.glob("eval-ddim4-eta0-n6-seed0-ema.json"))
     assert record["protocol"]["reference"]["split"] == "test"
+    # a split evaluation (seed ranges) gives exactly the samples of an unsplit one
+    partial = evaluate_run(
+        run, seed=1, seed_range=(0, 4), feature_module=TinyFeatures(), cache_dir=tmp_path / "cache"
+    )
+    assert partial["partial"] and partial["shards"] == [(0, 4)]
+    split = evaluate_run(
+        run, seed=1, seed_range=(4, 6), feature_module=TinyFeatures(), cache_dir=tmp_path / "cache"
+    )
+    other = tmp_path / "copy"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("eval"))
+    whole = evaluate_run(other, seed=1, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache")
+    assert split["metrics"] == whole["metrics"]
+    with pytest.raises(ValueError, match="multiple"):
+        evaluate_run(
+            run,
+            seed=2,
+            seed_range=(1, 3),
+            feature_module=TinyFeatures(),
+            cache_dir=tmp_path / "cache",
+        )
 
 
 def test_ldm_resume_through_cli_is_exact(tmp_path, ldm_sets):

@@ -198,7 +198,7 @@ class ImageFolderDataset(_SkipReportMixin, Dataset):
         path = self.files[index]
         try:
             return load_image(path, self.resolution)
-        except (OSError, ValueError, SyntaxError):
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             # PIL raises OSError for truncated/corrupt data, SyntaxError for some bad headers.
             self.bad_files.add(path)
             return None

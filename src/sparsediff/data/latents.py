@@ -33,29 +33,25 @@ _KEY_FIELDS = ("version", "ae_fingerprint", "dataset", "extra", "dtype")
 
 
 class LatentDataset(Dataset):
-    """In-memory latents; items are ``latent * scale_factor`` as float32 ``(C, h, w)``.
+    """In-memory first-stage latents; items are unscaled float32 ``(C, h, w)`` tensors.
 
-    ``scale_factor`` defaults to 1.0 (what LDM used for VQ-f4); ``std_scale_factor`` = 1/std is
-    LDM's ``scale_by_std`` choice. Decode with ``decode_latents(ae, dataset.unscale(z))``.
+    ``scale_factor`` = 1 / std of all latents is LDM's ``scale_by_std`` factor; it is only
+    recorded — the caller decides whether to train on ``z * scale_factor`` (and decode
+    ``z / scale_factor``) or to keep 1.0 as LDM did for VQ-f4.
     """
 
     def __init__(
-        self,
-        latents: torch.Tensor,
-        meta: dict[str, Any],
-        scale_factor: float = 1.0,
-        path: Path | None = None,
+        self, latents: torch.Tensor, meta: dict[str, Any], path: Path | None = None
     ) -> None:
         self.latents = latents
         self.meta = meta
-        self.scale_factor = float(scale_factor)
         self.path = path
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.latents[index].float() * self.scale_factor
+        return self.latents[index].float()
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -64,21 +60,22 @@ class LatentDataset(Dataset):
 
     @property
     def std(self) -> float:
-        """Global standard deviation of the unscaled latents."""
+        """Global standard deviation of the latents."""
         return float(self.meta["std"])
 
     @property
-    def std_scale_factor(self) -> float:
+    def channel_std(self) -> list[float]:
+        """Per-channel standard deviations."""
+        return list(self.meta["channel_std"])
+
+    @property
+    def scale_factor(self) -> float:
         """LDM's ``scale_by_std`` factor, 1 / std."""
         return 1.0 / self.std
 
     def as_tensor(self) -> torch.Tensor:
-        """All scaled latents as one float32 tensor (fast in-memory batching)."""
-        return self.latents.float() * self.scale_factor
-
-    def unscale(self, z: torch.Tensor) -> torch.Tensor:
-        """Undo ``scale_factor`` before decoding with the autoencoder."""
-        return z / self.scale_factor
+        """All latents as one float32 tensor (fast in-memory batching)."""
+        return self.latents.float()
 
 
 def _dataset_identity(dataset: Dataset) -> dict[str, Any]:
@@ -92,14 +89,26 @@ def _stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _latent_stats(latents: torch.Tensor) -> dict[str, Any]:
-    z = latents.double()
-    per_channel = z.transpose(0, 1).reshape(z.shape[1], -1)
+def _latent_stats(chunks: list[torch.Tensor]) -> dict[str, Any]:
+    """Global and per-channel mean/std, accumulated per chunk in float64 (no full copy)."""
+    total = torch.zeros(chunks[0].shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    count = 0
+    for z in chunks:
+        z = z.double()
+        total += z.sum(dim=(0, 2, 3))
+        total_sq += z.square().sum(dim=(0, 2, 3))
+        count += z.shape[0] * z.shape[2] * z.shape[3]
+    n_all = count * len(total)
+    mean_c, mean = total / count, total.sum() / n_all
+    # Unbiased, like LDM's scale_by_std (`z.flatten().std()`).
+    var_c = (total_sq - count * mean_c.square()).clamp_min(0) / max(count - 1, 1)
+    var = (total_sq.sum() - n_all * mean.square()).clamp_min(0) / max(n_all - 1, 1)
     return {
-        "mean": z.mean().item(),
-        "std": z.std().item(),
-        "channel_mean": per_channel.mean(dim=1).tolist(),
-        "channel_std": per_channel.std(dim=1).tolist(),
+        "mean": mean.item(),
+        "std": var.sqrt().item(),
+        "channel_mean": mean_c.tolist(),
+        "channel_std": var_c.sqrt().tolist(),
     }
 
 
@@ -118,14 +127,13 @@ class LatentCache:
         )
 
     @staticmethod
-    def load(path: str | Path, scale_by_std: bool = False) -> LatentDataset:
+    def load(path: str | Path) -> LatentDataset:
         """Load a cache file written by :meth:`build_or_load`."""
         path = Path(path)
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()[_META_KEY])
             latents = f.get_tensor("latents")
-        scale = 1.0 / float(meta["std"]) if scale_by_std else 1.0
-        return LatentDataset(latents, meta, scale_factor=scale, path=path)
+        return LatentDataset(latents, meta, path=path)
 
     @staticmethod
     def _read_record(path: Path) -> dict[str, Any] | None:
@@ -145,7 +153,6 @@ class LatentCache:
         fingerprint_extra: dict[str, Any] | None = None,
         *,
         dtype: torch.dtype = torch.float32,
-        scale_by_std: bool = False,
         device: torch.device | str | None = None,
         num_workers: int = 0,
         progress: bool = True,
@@ -155,8 +162,8 @@ class LatentCache:
         The cache is reused when the AE fingerprint, dataset identity, ``fingerprint_extra``
         (e.g. the first-stage checkpoint path or preprocessing options) and ``dtype`` match;
         otherwise it is re-encoded (no_grad, eval mode, in batches) and overwritten. Unreadable
-        images are dropped and counted in ``meta["skipped"]``. ``scale_by_std`` sets the
-        dataset's ``scale_factor`` to 1/std (LDM ``scale_by_std``); default 1.0 as LDM's VQ-f4.
+        images are dropped and counted in ``meta["skipped"]``; ``meta`` also records the global
+        and per-channel latent mean/std (see :class:`LatentDataset`).
         """
         identity = _dataset_identity(dataset)
         key = {
@@ -170,7 +177,7 @@ class LatentCache:
         record = cls._read_record(path) if path.is_file() else None
         if record is not None and all(record.get(k) == key[k] for k in _KEY_FIELDS):
             log.info("loading cached latents from %s", path)
-            return cls.load(path, scale_by_std)
+            return cls.load(path)
         if record is not None:
             changed = [k for k in _KEY_FIELDS if record.get(k) != key[k]]
             log.info("latent cache %s is stale (%s differ); re-encoding", path, ", ".join(changed))
@@ -200,10 +207,11 @@ class LatentCache:
             ae.train(was_training)
         if not chunks:
             raise ValueError(f"no readable images in dataset {identity}; nothing to encode")
+        stats = _latent_stats(chunks)
         latents = torch.cat(chunks)
         meta = {
             **key,
-            **_latent_stats(latents),
+            **stats,
             "count": latents.shape[0],
             "skipped": len(dataset) - latents.shape[0],
             "latent_shape": list(latents.shape[1:]),
@@ -215,4 +223,4 @@ class LatentCache:
         )
         os.replace(tmp, path)  # atomic: a crashed run never leaves a half-written cache
         log.info("cached %d latents %s to %s", latents.shape[0], tuple(latents.shape[1:]), path)
-        return cls.load(path, scale_by_std)
+        return cls.load(path)

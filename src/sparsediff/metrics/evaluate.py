@@ -305,7 +305,10 @@ def evaluate_run(
     )
     fake_features = extract_features(fake, features, e.batch_size, device)
     metrics = compute_metrics(
-        real, fake_features, kid_subset_size=min(e.kid_subset_size, len(real)), seed=p.seed
+        real,
+        fake_features,
+        kid_subset_size=min(e.kid_subset_size, len(real), len(fake_features)),
+        seed=p.seed,
     )
     grid = run_dir / "eval-grid.png"
     from sparsediff.pipelines.common import save_image_grid

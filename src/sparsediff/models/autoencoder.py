@@ -42,12 +42,13 @@ AE_PRESETS: dict[str, dict[str, Any]] = {
         "scaling_factor": 1.0,
     },
     # VQ-f4 layout shrunk for 1-channel 32×32 Fashion-MNIST on CPU: 8×8×3 latents, 256 codes.
+    # Narrow full-resolution levels (8, 16 channels): the 32×32 convolutions dominate CPU time.
     "fmnist-f4": {
         "in_channels": 1,
         "out_channels": 1,
         "down_block_types": _ENC3,
         "up_block_types": _DEC3,
-        "block_out_channels": (32, 64, 64),
+        "block_out_channels": (8, 16, 32),
         "layers_per_block": 1,
         "latent_channels": 3,
         "num_vq_embeddings": 256,
