@@ -82,10 +82,25 @@ def collate_skip_none(batch: Sequence[Any]) -> Any:
 
 
 class _SkipReportMixin:
-    """Bookkeeping of unreadable files for the end-of-epoch report."""
+    """Bookkeeping of unreadable files for the end-of-epoch report, and the dataset identity."""
 
     bad_files: set[str]
     _reported: set[str]
+    name: str
+    root: Path
+    resolution: int
+    split: str
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What defines the dataset's content (for cache keys and run metadata)."""
+        return {
+            "name": self.name,
+            "path": str(self.root.resolve()),
+            "resolution": self.resolution,
+            "split": self.split,
+            "count": len(self),
+        }
 
     def pop_skipped_report(self) -> str | None:
         """Describe files skipped since the last call (``None`` if there were none).
@@ -203,17 +218,6 @@ class ImageFolderDataset(_SkipReportMixin, Dataset):
             self.bad_files.add(path)
             return None
 
-    @property
-    def identity(self) -> dict[str, Any]:
-        """What defines the dataset's content (for cache keys and run metadata)."""
-        return {
-            "name": self.name,
-            "path": str(self.root.resolve()),
-            "resolution": self.resolution,
-            "split": self.split,
-            "count": len(self),
-        }
-
 
 def _open_idx(path: Path) -> bytes:
     opener = gzip.open if path.suffix == ".gz" else open
@@ -308,17 +312,6 @@ class FashionMNIST(_SkipReportMixin, Dataset):
     def as_tensor(self) -> torch.Tensor:
         """All images as one ``(N, 1, pad_to, pad_to)`` float tensor (fast in-memory batching)."""
         return torch.from_numpy(self.images[:, None].astype(np.float32) / 127.5 - 1.0)
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        """What defines the dataset's content (for cache keys and run metadata)."""
-        return {
-            "name": self.name,
-            "path": str(self.root.resolve()),
-            "resolution": self.resolution,
-            "split": self.split,
-            "count": len(self),
-        }
 
 
 DATASET_NAMES = ("fashion-mnist", "celebahq", "lsun-bedrooms", "imagenette", "folder")
