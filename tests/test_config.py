@@ -16,7 +16,7 @@ def test_overrides_are_typed_and_checked():
     cfg = load_config("ldm-tiny", ["sparse.sparsity=0.75", "train.steps=9", "sparse.exclude=a,b"])
     assert cfg.sparse.sparsity == 0.75 and cfg.train.steps == 9
     assert cfg.sparse.exclude == ["a", "b"]
-    assert load_config("ldm-tiny", {"sparse.sparsity": 1}).sparse.sparsity == 1.0  # int widens
+    assert load_config("ldm-tiny", {"train.lr": 1}).train.lr == 1.0  # int widens to float
     with pytest.raises(ValueError, match="unknown config key"):
         load_config("ldm-tiny", {"sparse.sparsty": 0.5})
     with pytest.raises(ValueError, match="must be int"):
@@ -25,6 +25,15 @@ def test_overrides_are_typed_and_checked():
         load_config("ldm-tiny", {"train.precision": "fp8"})
     with pytest.raises(ValueError, match="unknown config"):
         load_config("no-such-preset")
+    # sparse settings fail when the config is built, not after stage 1 has trained
+    with pytest.raises(ValueError, match="sparse.method"):
+        load_config("ldm-tiny", {"sparse.method": "lottery"})
+    with pytest.raises(ValueError, match="sparse.sparsity"):
+        load_config("ldm-tiny", {"sparse.sparsity": 1.0})
+    with pytest.raises(ValueError, match="sparse.prune_ratio"):
+        load_config("ldm-tiny", {"sparse.prune_ratio": 0.0})
+    with pytest.raises(ValueError, match="sparse.update_interval"):
+        load_config("ldm-tiny", {"sparse.update_interval": 0})
 
 
 def test_parse_override_reads_toml_values():

@@ -272,11 +272,19 @@ def validate(cfg: RunConfig) -> None:
         "autoencoder.kind": (cfg.autoencoder.kind, ("vq", "kl")),
         "data.representation": (cfg.data.representation, ("velocity", "absolute")),
         "model.arch": (cfg.model.arch, ("birnn", "transformer")),
+        "sparse.method": (cfg.sparse.method, ("dense", "static", "rigl", "magran")),
+        "sparse.distribution": (cfg.sparse.distribution, ("uniform", "er", "erk")),
+        "sparse.prune_schedule": (cfg.sparse.prune_schedule, ("constant", "cosine", "linear")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key} = {value!r}; allowed: {', '.join(allowed)}")
+    if not 0.0 <= cfg.sparse.sparsity < 1.0:
+        raise ValueError(f"sparse.sparsity must be in [0, 1), got {cfg.sparse.sparsity}")
+    if not 0.0 < cfg.sparse.prune_ratio <= 1.0:
+        raise ValueError(f"sparse.prune_ratio must be in (0, 1], got {cfg.sparse.prune_ratio}")
     for key, value in {
+        "sparse.update_interval": cfg.sparse.update_interval,
         "train.steps": cfg.train.steps,
         "train.batch_size": cfg.train.batch_size,
         "train.grad_accum": cfg.train.grad_accum,
