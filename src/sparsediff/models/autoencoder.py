@@ -252,7 +252,7 @@ def load_autoencoder(path: str | Path) -> tuple[Autoencoder, str]:
     if class_name not in kinds:
         raise ValueError(f"{folder}/config.json: unsupported autoencoder class {class_name!r}")
     kind = kinds[class_name]
-    ae = _CLASSES[kind].from_pretrained(str(folder), local_files_only=True)
+    ae = _CLASSES[kind].from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
     return ae.eval(), kind
 
 
