@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -31,3 +32,12 @@ def fmnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     return root
+
+
+@pytest.fixture()
+def single_thread():
+    """One intra-op thread: tiny models stall under OpenMP oversubscription on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,14 +17,7 @@ from sparsediff.models.autoencoder import (
     reconstruct,
 )
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny models: one intra-op thread avoids OpenMP oversubscription stalls on shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def n_params(model):

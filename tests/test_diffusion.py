@@ -8,14 +8,7 @@ from sparsediff.diffusion.losses import epsilon_mse, q_sample
 from sparsediff.diffusion.samplers import build_sampling_scheduler, sample
 from sparsediff.diffusion.schedules import make_betas, make_scheduler
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny models: one intra-op thread avoids OpenMP oversubscription stalls on shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def linear_eps(x, t):

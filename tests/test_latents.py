@@ -11,14 +11,7 @@ from sparsediff.data.images import ImageFolderDataset
 from sparsediff.data.latents import LatentCache, LatentDataset
 from sparsediff.models.autoencoder import build_autoencoder, encode_latents
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny models: one intra-op thread avoids OpenMP oversubscription stalls on shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def image_folder(root, n=5, corrupt=0):

@@ -4,14 +4,7 @@ from diffusers import UNet2DModel
 
 from sparsediff.models.unet import UNET_PRESETS, build_unet
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny models: one intra-op thread avoids OpenMP oversubscription stalls on shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def n_params(model):
