@@ -68,9 +68,6 @@ class AutoencoderConfig:
     steps: int = 400
     batch_size: int = 32
     lr: float = 2e-4
-    discriminator: bool = False  # optional PatchGAN term
-    disc_weight: float = 0.1
-    disc_start: int = 0
     scale_latents: bool = False  # LDM's scale_by_std (KL); VQ-f4 keeps 1.0
 
 
