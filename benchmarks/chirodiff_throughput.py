@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from sparsediff.data.stroke_dataset import StrokeSequenceDataset, collate_sequences
-from sparsediff.diffusion.losses import epsilon_mse
 from sparsediff.diffusion.schedules import make_scheduler
-from sparsediff.models.chirodiff import BiGRUDenoiser, masked_mse
+from sparsediff.models.chirodiff import BiGRUDenoiser
+from sparsediff.pipelines.chirodiff import sequence_loss
 from sparsediff.sparsity.flops import inference_flops, training_flops_per_step
 from sparsediff.training.loop import Task
 
@@ -97,14 +97,7 @@ def main() -> None:
     def loss(
         net: torch.nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator
     ) -> torch.Tensor:
-        lengths = batch["lengths"]
-        return epsilon_mse(
-            lambda x, t: net(x, t, lengths),
-            batch["x"],
-            scheduler,
-            generator=gen,
-            reduce_fn=lambda pred, target: masked_mse(pred, target, lengths),
-        )
+        return sequence_loss(net, batch, scheduler, gen)
 
     def make_task() -> Task:
         return Task(copy.deepcopy(base), data, loss, collate=collate_sequences)

@@ -33,8 +33,10 @@ from sparsediff.metrics import (
     compute_metrics,
     extract_features,
     key_digest,
+    quantize_images,
     reference_key,
 )
+from sparsediff.pipelines.common import save_image_grid
 from sparsediff.sparsity.flops import count_parameters, inference_flops, training_flops_per_step
 from sparsediff.training.checkpoint import load_checkpoint
 
@@ -100,7 +102,7 @@ class _LDM(_Adapter):
             p.steps,
             p.eta,
         )
-        return _to_uint8(images)
+        return quantize_images(images).cpu()
 
     def reference(self, split: str, size: int) -> tuple[torch.Tensor, dict[str, Any]]:
         data = self.pipe.image_dataset(self.cfg, split)
@@ -109,7 +111,7 @@ class _LDM(_Adapter):
         images = torch.stack([im for im in images if im is not None])
         d = self.cfg.data
         ident = {"dataset": d.name, "path": d.path, "max_val": d.max_val}
-        return _to_uint8(images), ident
+        return quantize_images(images).cpu(), ident
 
     def flops(self) -> tuple[Any, float]:
         z = torch.zeros(1, *self.shape, device=self.device)
@@ -161,10 +163,6 @@ class _Chiro(_Adapter):
         t = torch.zeros(1, dtype=torch.long, device=self.device)
         lens = torch.tensor([length], device=self.device)
         return inference_flops(self.model, x, t, lens), 0.0
-
-
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
 def _versions() -> dict[str, str]:
@@ -311,8 +309,6 @@ def evaluate_run(
         seed=p.seed,
     )
     grid = run_dir / "eval-grid.png"
-    from sparsediff.pipelines.common import save_image_grid
-
     save_image_grid(fake[:16], grid)
     record = {
         "metrics": metrics,

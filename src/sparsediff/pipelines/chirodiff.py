@@ -74,6 +74,20 @@ def scheduler(cfg: RunConfig) -> Any:
     return make_scheduler(d.schedule, d.timesteps, d.beta_start, d.beta_end)
 
 
+def sequence_loss(
+    net: nn.Module, batch: dict[str, torch.Tensor], sched: Any, gen: torch.Generator
+) -> torch.Tensor:
+    """ChiroDiff's objective: epsilon-MSE masked to valid points, normalised by length."""
+    lengths = batch["lengths"]
+    return epsilon_mse(
+        lambda x, t: net(x, t, lengths),
+        batch["x"],
+        sched,
+        generator=gen,
+        reduce_fn=lambda pred, target: masked_mse(pred, target, lengths),
+    )
+
+
 @torch.no_grad()
 def generate(
     cfg: RunConfig,
@@ -139,14 +153,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     sched = scheduler(cfg)
 
     def loss(net: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
-        lengths = batch["lengths"]
-        return epsilon_mse(
-            lambda x, t: net(x, t, lengths),
-            batch["x"],
-            sched,
-            generator=gen,
-            reduce_fn=lambda pred, target: masked_mse(pred, target, lengths),
-        )
+        return sequence_loss(net, batch, sched, gen)
 
     def sample_grid(net: nn.Module, path: Path) -> None:
         s = cfg.sample

@@ -18,6 +18,7 @@ from torch import nn
 
 import sparsediff
 from sparsediff.config import RunConfig
+from sparsediff.metrics.validation import quantize_images
 from sparsediff.training.distributed import Dist
 
 WEIGHTS_FILE = "model.safetensors"  # the final (EMA) denoiser, loadable into the plain class
@@ -57,24 +58,20 @@ def environment(dist: Dist, cfg: RunConfig) -> dict[str, Any]:
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, dist: Dist) -> None:
     """Create the run directory and write the fully resolved config (rank 0)."""
-    if cuda_tf32 := (dist.device.type == "cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32 and cuda_tf32
-        torch.backends.cudnn.allow_tf32 = cfg.train.tf32 and cuda_tf32
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {"config": cfg.to_dict(), "environment": environment(dist, cfg)}
         (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 (N, C, H, W)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Write (N, C, H, W) images in [-1, 1] (or uint8) as one PNG grid with 2-pixel gaps."""
     if images.dtype != torch.uint8:
-        images = to_uint8(images)
+        images = quantize_images(images)
+    images = images.cpu()
     n, c, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)
@@ -107,15 +104,3 @@ def load_weights(model: nn.Module, run_dir: Path) -> nn.Module:
 def write_done(run_dir: Path, info: dict[str, Any]) -> None:
     """Mark a run finished (the study runner skips finished runs)."""
     (run_dir / DONE_FILE).write_text(json.dumps({"finished": time.time(), **info}, indent=2))
-
-
-def is_done(run_dir: Path) -> bool:
-    """True once training has completed and the weights were exported."""
-    return (Path(run_dir) / DONE_FILE).exists()
-
-
-def nonzero_density(model: nn.Module) -> float:
-    """Fraction of non-zero entries over all parameters (a quick sanity figure)."""
-    total = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
-    return nonzero / max(total, 1)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from sparsediff.config import SparseConfig, TrainConfig
 from sparsediff.sparsity import SparseTraining
 from sparsediff.training.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from sparsediff.training.distributed import Dist
+from sparsediff.training.distributed import Dist, all_mean
 from sparsediff.training.ema import EMA
 
 LossFn = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]
@@ -257,7 +257,7 @@ class Trainer:
             disable=not (self.dist.is_main and cfg.progress),
             dynamic_ncols=True,
         )
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
         tick = time.perf_counter()
         steps_since = 0
         self.model.train()
@@ -270,7 +270,10 @@ class Trainer:
             step = self.state.step
             if step % cfg.log_every == 0 or step == end:
                 rate = steps_since / max(time.perf_counter() - tick, 1e-9)
-                record = self._log(step, sum(losses) / len(losses), rate)
+                mean_loss = float(torch.stack(losses).mean())  # the only host sync for the loss
+                if not math.isfinite(mean_loss) and self.amp_dtype is None:
+                    raise FloatingPointError(f"loss is {mean_loss} before step {step}")
+                record = self._log(step, mean_loss, rate)
                 postfix = {"loss": f"{record['loss']:.4f}", "step/s": f"{rate:.2f}"}
                 if "density" in record:
                     postfix["density"] = f"{record['density']:.3f}"
@@ -286,11 +289,14 @@ class Trainer:
         self.save()
         return self.state
 
-    def _optimizer_step(self, data: Iterator[Any]) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+    def _optimizer_step(self, data: Iterator[Any]) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss.
+
+        The loss stays on the device (no host sync per step); it is read at log time.
+        """
         cfg = self.cfg
         gen = _step_generator(self.device, self.seed, self.dist.rank, self.state.step)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             batch = _to_device(next(data), self.device)
             last = micro == cfg.grad_accum - 1
@@ -301,9 +307,7 @@ class Trainer:
                 ):
                     loss = self.task.loss(self.wrapped, batch, gen) / cfg.grad_accum
                 self.scaler.scale(loss).backward()
-            total += float(loss.detach())
-        if not math.isfinite(total) and self.amp_dtype is None:
-            raise FloatingPointError(f"loss is {total} at step {self.state.step}")
+            total += loss.detach().float()
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             if self.sparse is not None:
@@ -318,8 +322,6 @@ class Trainer:
         return total
 
     def _log(self, step: int, loss: float, rate: float) -> dict[str, Any]:
-        from sparsediff.training.distributed import all_mean
-
         record: dict[str, Any] = {
             "step": step,
             "loss": all_mean(loss, self.dist),
