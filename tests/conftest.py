@@ -10,13 +10,22 @@ import numpy as np
 import pytest
 import torch
 
+_IDX_TYPES = {"u1": 0x08, "i1": 0x09, ">i2": 0x0B, ">i4": 0x0C, ">f4": 0x0D, ">f8": 0x0E}
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 IDX file (gzip), the format of (Fashion-)MNIST."""
-    magic = 0x0800 | array.ndim
+
+def write_idx(path: Path, array: np.ndarray, dtype: str = "u1") -> Path:
+    """Write an IDX file, the format of (Fashion-)MNIST; gzip-compressed if ``path`` ends in .gz.
+
+    ``dtype`` is the element type as stored (big-endian): u1 (uint8, MNIST), i1, >i2, >i4, >f4,
+    >f8. Returns ``path``.
+    """
+    array = np.asarray(array)
+    magic = (_IDX_TYPES[dtype] << 8) | array.ndim
     header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
+    data = header + array.astype(dtype).tobytes()
+    path = Path(path)
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -129,8 +129,9 @@ def test_training_step_reduces_loss_and_factory():
     assert isinstance(
         build_chirodiff_denoiser("transformer", width=8, layers=1, heads=2), TransformerDenoiser
     )
-    with pytest.raises(ValueError):
-        build_chirodiff_denoiser("mlp")
+    for removed in ("mlp", "gru", "bigru"):  # only "birnn" and "transformer" exist
+        with pytest.raises(ValueError, match="birnn"):
+            build_chirodiff_denoiser(removed)
     x, t, lengths = _batch(3)
     target = torch.randn_like(x)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

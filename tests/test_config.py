@@ -1,8 +1,10 @@
 import json
+import tomllib
 
 import pytest
 
-from sparsediff.config import CONFIG_DIR, load_config, parse_override, read_run_config
+from sparsediff.config import CONFIG_DIR, load_config, parse_override, read_run_config, validate
+from sparsediff.diffusion.schedules import DEFAULT_BETA_RANGE
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.stem)
@@ -34,6 +36,42 @@ def test_overrides_are_typed_and_checked():
         load_config("ldm-tiny", {"sparse.prune_ratio": 0.0})
     with pytest.raises(ValueError, match="sparse.update_interval"):
         load_config("ldm-tiny", {"sparse.update_interval": 0})
+    with pytest.raises(ValueError, match="sparse.stop_fraction"):
+        load_config("ldm-tiny", {"sparse.stop_fraction": 1.5})
+    with pytest.raises(ValueError, match="sparse.erk_power_scale"):
+        load_config("ldm-tiny", {"sparse.erk_power_scale": -1.0})
+    with pytest.raises(ValueError, match="diffusion.schedule"):
+        load_config("ldm-tiny", {"diffusion.schedule": "sigmoid"})
+    with pytest.raises(ValueError, match="sample.sampler"):
+        load_config("ldm-tiny", {"sample.sampler": "euler"})
+    with pytest.raises(ValueError, match="diffusion.beta_start"):
+        load_config("ldm-tiny", {"diffusion.beta_start": 0.05})  # above the default end
+
+
+def test_pipeline_name_is_left_to_the_pipelines_registry():
+    assert load_config({"pipeline": "not-registered-here"}).pipeline == "not-registered-here"
+
+
+def test_omitted_beta_range_is_the_schedules_default():
+    # ChiroDiff's linear schedule gets its own default, not LDM's (0.0015, 0.0195)
+    chiro = load_config({"pipeline": "chirodiff", "diffusion": {"schedule": "linear"}})
+    assert (chiro.diffusion.beta_start, chiro.diffusion.beta_end) == (1e-4, 2e-2)
+    ldm = load_config({})
+    assert (ldm.diffusion.beta_start, ldm.diffusion.beta_end) == (0.0015, 0.0195)
+    # one end set, the other from the schedule; the resolved numbers are in to_dict()
+    half = load_config({"diffusion": {"schedule": "linear", "beta_end": 0.03}}).to_dict()
+    assert (half["diffusion"]["beta_start"], half["diffusion"]["beta_end"]) == (1e-4, 0.03)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.stem)
+def test_presets_resolve_the_beta_range_they_name(path):
+    table = tomllib.loads(path.read_text()).get("diffusion", {})
+    cfg = load_config(path.stem).diffusion
+    default = DEFAULT_BETA_RANGE[cfg.schedule]
+    assert cfg.beta_start == table.get("beta_start", default[0])
+    assert cfg.beta_end == table.get("beta_end", default[1])
+    if "beta_start" not in table:  # before per-schedule defaults, every preset got LDM's
+        assert cfg.schedule == "ldm" and (cfg.beta_start, cfg.beta_end) == (0.0015, 0.0195)
 
 
 def test_parse_override_reads_toml_values():
@@ -49,3 +87,4 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config("chirodiff-tiny", {"seed": 3})
     (tmp_path / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
     assert read_run_config(tmp_path) == cfg
+    validate(cfg)  # a resolved config stays valid

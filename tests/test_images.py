@@ -1,13 +1,13 @@
-import gzip
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 from PIL import Image
 
+from sparsediff.data.idx import read_idx
 from sparsediff.data.images import (
     DATASET_HELP,
     FASHION_MNIST_DIR,
@@ -15,32 +15,20 @@ from sparsediff.data.images import (
     ImageFolderDataset,
     build_image_dataset,
     collate_skip_none,
-    read_idx,
-    seeded_split,
 )
-
-
-def write_idx(path, array, magic, compress):
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        with gzip.open(path, "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-    return path
+from sparsediff.data.splits import fraction_sizes, seeded_split
 
 
 def fmnist_fixture(root, n_train=5, n_test=3, compress=True):
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
+    gz = ".gz" if compress else ""
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         images = rng.integers(0, 256, (n, 28, 28))
         images[0] = 0
         images[0, 0, 0] = 255  # top-left pixel marks where the padding puts the image
-        write_idx(root / f"{prefix}-images-idx3-ubyte", images, 2051, compress)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, 2049, compress)
+        write_idx(root / f"{prefix}-images-idx3-ubyte{gz}", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{gz}", np.arange(n) % 10)
     return root
 
 
@@ -62,9 +50,7 @@ def test_fashion_mnist_fixture_padding_and_range(tmp_path, compress):
     assert x[0, 2, 2].item() == 1.0  # 255 at (0, 0) lands at (2, 2) after 2-pixel padding
     assert (x[:, :2] == -1).all() and (x[:, :, -2:] == -1).all()  # zero padding = background
     assert x.sum().item() == pytest.approx(1.0 - (32 * 32 - 1))
-    batch = ds.as_tensor()
-    assert batch.shape == (5, 1, 32, 32)
-    torch.testing.assert_close(batch[3], ds[3])
+    batch = torch.stack([ds[i] for i in range(len(ds))])
     assert -1 <= batch.min() and batch.max() <= 1
     test = FashionMNIST(root, split="test", pad_to=28, max_items=2)
     assert len(test) == 2 and test[1].shape == (1, 28, 28)
@@ -72,17 +58,29 @@ def test_fashion_mnist_fixture_padding_and_range(tmp_path, compress):
 
 
 def test_idx_magic_and_truncation_are_validated(tmp_path):
-    path = write_idx(tmp_path / "x-idx3-ubyte", np.zeros((2, 3, 3)), 2051, compress=False)
+    path = write_idx(tmp_path / "x-idx3-ubyte", np.zeros((2, 3, 3)))
     with pytest.raises(ValueError, match="expected 2049"):
         read_idx(path, 2049)
+    floats = write_idx(tmp_path / "f-idx3-ubyte", np.zeros((2, 3, 3)), dtype=">f4")
+    with pytest.raises(ValueError, match="expected 2051"):  # float images are not (F)MNIST
+        read_idx(floats, 2051)
     bad = tmp_path / "bad"
-    bad.write_bytes(b"\x00\x00\x0d\x03" + b"\x00" * 20)  # 0x0d = float, not ubyte
+    bad.write_bytes(b"\x00\x00\x0a\x03" + b"\x00" * 20)  # 0x0a is no IDX type
     with pytest.raises(ValueError, match="magic"):
         read_idx(bad)
     short = tmp_path / "short"
     short.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(ValueError, match="truncated"):
         read_idx(short)
+
+
+@pytest.mark.parametrize("dtype", ["u1", "i1", ">i2", ">i4", ">f4", ">f8"])
+@pytest.mark.parametrize("name", ["x-idx", "x-idx.gz"])
+def test_idx_round_trip_of_every_type(tmp_path, dtype, name):
+    arr = np.arange(24).reshape(2, 3, 4) - (0 if dtype == "u1" else 12)
+    out = read_idx(write_idx(tmp_path / name, arr, dtype=dtype))
+    assert out.dtype == np.dtype(dtype).newbyteorder("=") and out.dtype.isnative
+    np.testing.assert_array_equal(out, arr)
 
 
 def test_fashion_mnist_missing_files_explain_fix(tmp_path):
@@ -124,21 +122,39 @@ def test_image_folder_crop_resize_and_formats(tmp_path):
     torch.testing.assert_close(rgba_t[:, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
 
 
-def test_seeded_split_sizes_disjoint_and_deterministic():
-    files = [f"{i:03d}.png" for i in range(100)]
-    train = seeded_split(files, "train", 60, 25, seed=0)
-    val = seeded_split(files, "val", 60, 25, seed=0)
-    assert len(train) == 60 and len(val) == 25 and not set(train) & set(val)
-    assert train == seeded_split(files, "train", 60, 25, seed=0)
-    assert train != seeded_split(files, "train", 60, 25, seed=1)
-    assert train != sorted(train)  # shuffled, not the first 60 names
-    rest = seeded_split(files, "train", None, 10, seed=0)
-    assert len(rest) == 90 and set(rest) == set(files) - set(
-        seeded_split(files, "val", None, 10, 0)
-    )
-    assert len(seeded_split(files, "val", 60, None, seed=0)) == 40
+def test_seeded_split_cuts_one_seeded_permutation():
+    perm = np.random.default_rng(3).permutation(50)  # the split's permutation, pinned
+    parts = [seeded_split(50, (40, 5, None), k, seed=3) for k in range(3)]
+    np.testing.assert_array_equal(np.concatenate(parts), perm)
+    np.testing.assert_array_equal(seeded_split(50, (45, 10), 1, seed=3), perm[45:])  # clipped
+    assert len(seeded_split(50, (60, 10), 1, seed=3)) == 0
+    assert not np.array_equal(parts[0], seeded_split(50, (40, 5, None), 0, seed=4))
+    with pytest.raises(ValueError, match="part"):
+        seeded_split(50, (40, 10), 2)
+    assert fraction_sizes(50, (0.8, 0.1, 0.1)) == [40, 5, None]
+    assert fraction_sizes(10, (1, 1, 2)) == [2, 2, None]  # normalised
+    with pytest.raises(ValueError, match="fractions"):
+        fraction_sizes(10, (0, 0, 0))
+
+
+def test_image_folder_seeded_split_rules(tmp_path):
+    root = make_folder(tmp_path / "imgs", 20)
+    files = sorted(str(p) for p in root.glob("*.png"))
+    perm = np.random.default_rng(0).permutation(20)
+
+    def names(split, max_train, max_val, seed=0):
+        return ImageFolderDataset(root, 8, split, max_train, max_val, seed).files
+
+    train, val = names("train", 12, 5), names("val", 12, 5)
+    assert train == [files[i] for i in perm[:12]]  # shuffled order, not sorted
+    assert val == [files[i] for i in perm[12:17]] and names("test", 12, 5) == val
+    assert train != names("train", 12, 5, seed=1)
+    rest = names("train", None, 4)  # max_train=None leaves max_val files for val
+    assert len(rest) == 16 and set(rest) == set(files) - set(names("val", None, 4))
+    assert len(names("val", 12, None)) == 8  # max_val=None: val takes the remainder
+    assert names("all", 3, 3) == files
     with pytest.raises(ValueError, match="split"):
-        seeded_split(files, "holdout", 1, 1, 0)
+        names("holdout", 1, 1)
 
 
 def make_folder(root, n):

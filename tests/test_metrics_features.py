@@ -2,12 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparsediff.metrics import (
-    as_uint8_images,
-    extract_features,
-    fid_from_features,
-    quantize_images,
-)
+from sparsediff.imaging import to_uint8
+from sparsediff.metrics import as_uint8_images, extract_features, fid_from_features
 
 
 class TinyFeatures(nn.Module):
@@ -61,11 +57,11 @@ def test_float_images_on_uint8_scale_are_rounded_like_png():
     torch.testing.assert_close(extract_features(as_float, net), extract_features(images, net))
 
 
-def test_quantize_images_maps_model_range_to_uint8():
+def test_model_outputs_need_to_uint8_first_and_the_error_says_so():
     x = torch.tensor([-1.0, -0.999, 0.0, 1.0, 1.5]).view(1, 1, 1, 5)
-    assert quantize_images(x).flatten().tolist() == [0, 0, 128, 255, 255]
-    with pytest.raises(ValueError, match="NaN"):
-        quantize_images(torch.tensor([float("nan")]).view(1, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 255\].*sparsediff\.imaging\.to_uint8"):
+        as_uint8_images(x)
+    assert as_uint8_images(to_uint8(x)).flatten().tolist() == [0, 0, 128, 255, 255]
 
 
 def test_grayscale_images_are_accepted():

@@ -1,4 +1,5 @@
 import datetime
+import gc
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,19 @@ def _worker(rank, world, init_file, out_dir):
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
-    torch.set_num_threads(1)
+    try:
+        torch.set_num_threads(1)
+        torch.save(_train_and_check(rank), f"{out_dir}/rank{rank}.pt")
+        # Tear down only when both ranks are done with every collective, and after the DDP
+        # wrappers (which hold the process group and its gloo work) are gone, so no gloo thread
+        # outlives the group into interpreter shutdown.
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_and_check(rank):
     results = {}
     for method in ("rigl", "magran"):
         torch.manual_seed(rank)  # different init per rank; DDP broadcasts rank 0's
@@ -48,13 +61,13 @@ def _worker(rank, world, init_file, out_dir):
         }
     if rank == 1:  # break one mask on one rank: every rank must notice
         sparse.masks["2.weight"].view(-1)[0] ^= True
+    # The check is one all-reduce whose result every rank reads, so both ranks raise together.
     try:
         sparse.verify_consistent()
         results["detected"] = ""
     except RuntimeError as err:
         results["detected"] = str(err)
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 def test_two_ranks_keep_identical_masks(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from scipy import stats as scipy_stats
 from torch import nn
 
-from sparsediff.sparsity import SparseTraining
+from sparsediff.sparsity import SparseTraining, check_settings
 from sparsediff.sparsity.scores import drop_and_grow
 
 
@@ -425,7 +425,7 @@ def test_masks_are_read_only_and_remove_detaches():
         sparse.masks["0.weight"] = torch.ones(24, 12, dtype=torch.bool)
     assert len(opt._optimizer_step_post_hooks) == 1
     sparse.remove()
-    sparse.close()
+    sparse.remove()  # safe to call twice
     assert len(opt._optimizer_step_post_hooks) == 0
     _train_step(model, opt, 1)
     assert sparse.step == 0
@@ -474,6 +474,36 @@ def test_bad_input_names_allowed_values():
         SparseTraining(model, opt, method="set")
     with pytest.raises(ValueError, match=r"\[0.0, 1.0\)"):
         SparseTraining(model, opt, sparsity=1.0)
+
+
+def test_check_settings_is_the_engines_rule_and_names_the_prefixed_key():
+    good = {
+        "method": "rigl",
+        "sparsity": 0.5,
+        "distribution": "erk",
+        "update_interval": 100,
+        "prune_ratio": 0.05,
+        "prune_schedule": "cosine",
+        "stop_fraction": 0.75,
+        "erk_power_scale": 1.0,
+    }
+    check_settings(**good)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for key, bad in [
+        ("method", "set"),
+        ("sparsity", 1.0),
+        ("distribution", "erdos"),
+        ("update_interval", 0),
+        ("prune_ratio", 0.0),
+        ("prune_schedule", "step"),
+        ("stop_fraction", 1.5),
+        ("erk_power_scale", -1.0),
+    ]:
+        with pytest.raises(ValueError, match=rf"^sparse\.{key} must be"):
+            check_settings(**{**good, key: bad}, prefix="sparse.")
+        with pytest.raises(ValueError, match=rf"^{key} must be"):  # the engine's own message
+            SparseTraining(model, opt, **{key: bad})
 
 
 def test_optimizer_without_model_parameters_and_unmaskable_model():

@@ -110,24 +110,6 @@ def test_training_flops_per_step():
         flops.training_flops_per_step(100, 30, "rigl", 0)
 
 
-def test_flops_summary_uses_sparse_training():
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
-    sparse = SparseTraining(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        method="rigl",
-        sparsity=0.75,
-        distribution="uniform",
-        update_interval=10,
-    )
-    summary = flops.flops_summary(model, torch.randn(1, 16), sparse=sparse)
-    f_d = 2 * (16 * 32 + 32 * 8)
-    assert summary["inference_dense"] == f_d
-    assert summary["inference_sparse"] == pytest.approx(0.25 * f_d)
-    assert summary["train_step"] == pytest.approx((3 * 0.25 * f_d * 10 + 0.5 * f_d + f_d) / 11)
-    assert summary["params_nonzero"] == 0.25 * (16 * 32 + 32 * 8) + 40
-
-
 class _SDPA(nn.Module):
     def __init__(self):
         super().__init__()

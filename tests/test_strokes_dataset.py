@@ -6,11 +6,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from sparsediff.data.sketch_ops import strokes_to_sequence
+from sparsediff.data.splits import fraction_sizes, seeded_split
 from sparsediff.data.stroke_dataset import (
+    SPLITS,
     StrokeSequenceDataset,
     collate_sequences,
     load_stroke_dataset,
-    split_indices,
 )
 from sparsediff.data.strokes import save_stroke3_npz
 
@@ -37,6 +38,9 @@ def test_collate_pads_with_zeros_and_returns_lengths():
     assert batch["lengths"].tolist() == [3, 5, 1] and batch["lengths"].dtype == torch.long
     assert batch["x"][0, 3:].abs().sum() == 0 and batch["x"][2, 1:].abs().sum() == 0
     torch.testing.assert_close(batch["x"][1], seqs[1])
+    assert set(batch) == {"x", "lengths"}
+    half = collate_sequences([torch.ones(2, 3, dtype=torch.float16), torch.ones(1, 3).half()])
+    assert half["x"].dtype == torch.float16 and half["x"][1, 1].abs().sum() == 0
 
 
 def test_stroke3_dataset_keeps_splits_and_reports(npz_path):
@@ -67,14 +71,6 @@ def test_absolute_representation_and_directory_category(npz_path):
     assert np.abs(seq[:, :2]).max() == pytest.approx(0.5, abs=1e-6)  # positions, not deltas
 
 
-def test_sample_lengths_from_empirical_distribution():
-    ds = StrokeSequenceDataset([np.zeros((n, 3)) for n in (3, 3, 7)])
-    draws = ds.sample_lengths(200, rng=0)
-    assert set(draws.tolist()) == {3, 7}
-    assert 0.5 < np.mean(draws == 3) < 0.85
-    np.testing.assert_array_equal(draws, ds.sample_lengths(200, rng=0))
-
-
 def test_empty_dataset_and_bad_arguments_raise(npz_path, tmp_path):
     with pytest.raises(ValueError, match="empty stroke dataset"):
         load_stroke_dataset("stroke3", str(npz_path), "train", max_len=5)
@@ -98,12 +94,19 @@ def test_missing_paths_say_where_to_get_data(tmp_path):
         load_stroke_dataset("stroke3", None, "train")
 
 
+def split_indices(n, split, fractions=(0.8, 0.1, 0.1), seed=0):
+    """The stroke datasets' split: sorted indices of a seeded train/valid/test partition."""
+    return np.sort(seeded_split(n, fraction_sizes(n, fractions), SPLITS.index(split), seed))
+
+
 def test_split_indices_disjoint_cover_and_seeded():
     parts = [split_indices(50, s, (0.8, 0.1, 0.1), seed=3) for s in ("train", "valid", "test")]
     assert [len(p) for p in parts] == [40, 5, 5]
     assert sorted(np.concatenate(parts).tolist()) == list(range(50))
     np.testing.assert_array_equal(parts[1], split_indices(50, "valid", seed=3))
     assert not np.array_equal(parts[1], split_indices(50, "valid", seed=4))
+    perm = np.random.default_rng(3).permutation(50)  # pinned: sorted slices of one permutation
+    np.testing.assert_array_equal(parts[1], np.sort(perm[40:45]))
 
 
 def test_ndjson_dataset_seeded_split(tmp_path):

@@ -2,9 +2,11 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from sparsediff.data.raster import rasterize, save_png_grid, save_svg, strokes_to_svg
+from sparsediff.data.raster import rasterize, save_svg, strokes_to_svg
+from sparsediff.imaging import save_image_grid
 
 HLINE = [np.array([[0.0, 0.0], [1.0, 0.0]])]
 
@@ -52,17 +54,20 @@ def test_svg_output_and_files(tmp_path):
     assert len(polylines) == 1 and len(root.findall(f"{ns}circle")) == 1
     pts = [tuple(map(float, p.split(","))) for p in polylines[0].get("points").split()]
     assert pts == [(10.0, 10.0), (90.0, 10.0), (90.0, 90.0)]
-    save_svg(sk, tmp_path / "a.svg", size=50)
-    assert 'width="50"' in (tmp_path / "a.svg").read_text()
+    assert save_svg(sk, tmp_path / "svg" / "a.svg", size=50) == tmp_path / "svg" / "a.svg"
+    assert 'width="50"' in (tmp_path / "svg" / "a.svg").read_text()
+    assert [p.name for p in (tmp_path / "svg").iterdir()] == ["a.svg"]  # no temp file left
 
 
-def test_save_png_grid(tmp_path):
+def test_sketch_grid_via_imaging(tmp_path):
     sketches = [HLINE] * 5
-    grid = save_png_grid(sketches, tmp_path / "g.png", nrow=3, size=16, gap=2)
-    assert grid.shape == (2 * 18 + 2, 3 * 18 + 2)
-    loaded = np.asarray(Image.open(tmp_path / "g.png"))
-    np.testing.assert_array_equal(loaded, grid)
+    images = torch.from_numpy(np.stack([rasterize(sk, size=16) for sk in sketches]))[:, None]
+    path = save_image_grid(images, tmp_path / "g.png", nrow=3, gap=2, fill=128)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 * 18 + 2, 3 * 18 + 2) and grid.dtype == np.uint8
     np.testing.assert_array_equal(grid[2:18, 2:18], rasterize(HLINE, size=16))
     assert (grid[20:36, 38:54] == 128).all()  # sixth cell is unused: grey
+    assert (grid[:2] == 128).all() and (grid[:, 18:20] == 128).all()  # mid-grey gaps
+    assert [p.name for p in tmp_path.iterdir()] == ["g.png"]
     with pytest.raises(ValueError):
-        save_png_grid([], tmp_path / "x.png")
+        save_image_grid(images[:0], tmp_path / "x.png")

@@ -84,7 +84,7 @@ sparsities = [0.5]
 eval.num_samples = 7
 [[datasets]]
 name = "d"
-preset = "ldm-d"
+preset = "ldm-tiny"
 overrides = { "train.steps" = 20, data = { path = "/x" } }
 """
     )
@@ -106,7 +106,8 @@ def test_pipeline_read_from_preset_file(tmp_path):
     preset = tmp_path / "ldm-but-not-really.toml"
     preset.write_text('pipeline = "chirodiff"\n')
     assert preset_pipeline(str(preset)) == "chirodiff"
-    assert preset_pipeline("chirodiff-nonexistent-preset") == "chirodiff"
+    with pytest.raises(ValueError, match="unknown config"):
+        preset_pipeline("chirodiff-nonexistent-preset")
 
 
 @pytest.mark.parametrize(

@@ -5,17 +5,27 @@ import math
 
 from PIL import Image
 
-from sparsediff.study.report import (
-    Stat,
-    compare_prune_ratios,
-    cost_table,
-    fid_table,
-    group_settings,
-    metric_table,
-    safe_values,
-    write_report,
-)
-from sparsediff.study.sweep import append_result
+from sparsediff.pipelines.evaluation import cost_fields
+from sparsediff.sparsity.flops import FlopReport
+from sparsediff.study.report import cost_table, dense_cost, fid_table, metric_table, write_report
+from sparsediff.study.results import append_result
+from sparsediff.study.stats import Stat, compare_prune_ratios, group_settings, safe_values
+
+COST_KEYS = {
+    "params_total",
+    "params_nonzero",
+    "params_dense_total",
+    "inference_flops",
+    "inference_flops_dense",
+    "nfe",
+    "decode_flops",
+    "sample_flops",
+    "sample_flops_dense",
+    "train_flops",
+    "train_flops_dense",
+    "sampling_seconds_per_sample",
+}
+
 
 PROTOCOL = {"num_samples": 1000, "sampler": "ddim", "steps": 50, "eta": 0.0, "features": "incv3"}
 
@@ -50,18 +60,17 @@ def _record(dataset, method, p, sparsity, seed, fid, samples=None):
         "prune_ratio": p,
         "seed": seed,
         "metrics": {"fid": fid, "kid_mean": 0.002 + 0.001 * seed, "precision": 0.6, "recall": 0.4},
-        "cost": {
-            "params_total": 2000,
-            "params_nonzero": 2000 * density,
-            "params_dense_total": 2000,
-            "train_flops": 3e12 * density * (1.1 if method == "rigl" else 1.0),
-            "train_flops_dense": 3e12,
-            "inference_flops": 1e9 * density,
-            "inference_flops_dense": 1e9,
-            "sample_flops": 5e10 * density,
-            "sample_flops_dense": 5e10,
-            "sampling_seconds": 1.0,
-        },
+        # through the evaluation's own record function: 1000 training samples seen
+        "cost": cost_fields(
+            params_total=2000,
+            params_nonzero=2000 * density,
+            inference=FlopReport(dense=1e9, sparse=1e9 * density, per_layer={}, other=0),
+            decode_flops=0.0,
+            nfe=50,
+            train_step_flops=3e9 * density * (1.1 if method == "rigl" else 1.0),
+            samples_seen=1000,
+            seconds_per_sample=0.25 + 0.1 * seed,  # dense over seeds 0, 1: 0.30 s per sample
+        ),
         "protocol": PROTOCOL,
         "samples_grid": samples,
         "run_dir": f"runs/{dataset}/{method}",
@@ -122,6 +131,30 @@ def test_cost_table_relative_to_dense():
     assert "Dense" not in rows
 
 
+def test_fixture_costs_have_the_evaluation_record_keys():
+    for r in _records(TOY, "toy"):
+        assert set(r["cost"]) == COST_KEYS
+
+
+def test_dense_cost_shows_sampling_time_per_sample():
+    settings = group_settings(_records(TOY, "toy"))["toy"]
+    line = dense_cost(settings)
+    assert line.startswith("Dense: 2.00 k non-zero parameters, 3.00 TFLOP to train")
+    assert "50.00 GFLOP per sample" in line
+    assert line.endswith(", 0.30 s sampling time per sample.")
+
+
+def test_dense_cost_with_unmeasured_sampling_time():
+    # samples taken from an earlier run's shards: the evaluation records null seconds
+    records = _records(TOY, "toy")
+    for r in records:
+        r["cost"]["sampling_seconds_per_sample"] = None
+    assert dense_cost(group_settings(records)["toy"]).endswith("50.00 GFLOP per sample.")
+    records[0]["cost"]["sampling_seconds_per_sample"] = 0.0305  # dense seed 0: mean of known
+    line = dense_cost(group_settings(records)["toy"])
+    assert line.endswith(", 30.5 ms sampling time per sample.")
+
+
 def test_safe_values_with_seed_spread():
     verdicts = safe_values(_records(TOY, "toy"))["toy"]
     safe = {v.setting.label for v in verdicts if v.safe}
@@ -179,6 +212,7 @@ def test_write_report_from_hand_made_results(tmp_path):
     assert "- **single**: 1 of 2 sparse settings are safe." in text
     assert "Safe on every dataset: Static at 50%." in text
     assert "Dense: 2.00 k non-zero parameters, 3.00 TFLOP to train" in text
+    assert "0.30 s sampling time per sample." in text
     out = tmp_path / "report"
     for name in ("fid_vs_sparsity_toy.png", "fid_vs_train_flops_single.png", "samples_toy.png"):
         assert (out / name).stat().st_size > 0

@@ -9,14 +9,8 @@ import pytest
 from PIL import Image
 
 from sparsediff.study.report import write_report
-from sparsediff.study.sweep import (
-    StudyError,
-    append_result,
-    jsonable,
-    read_results,
-    run_study,
-    visible_devices,
-)
+from sparsediff.study.results import append_result, jsonable, read_results
+from sparsediff.study.sweep import StudyError, run_study, visible_devices
 
 SCHEMA = {
     "id",
@@ -43,7 +37,7 @@ def fake_train(preset, overrides, run_dir, resume):
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    time.sleep(float(overrides.get("fake.sleep", 0)))
+    time.sleep(0.5 if Path(run_dir).parent.name == "img" else 0)  # the slow dataset
     trace = {"resume": resume, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": start}
     trace["end"] = time.time()
     with (run_dir / "calls.jsonl").open("a") as f:
@@ -86,7 +80,7 @@ methods = ["dense", "static"]
 sparsities = [0.5]
 [[datasets]]
 name = "toy"
-preset = "ldm-toy"
+preset = "ldm-tiny"
 overrides = { "train.steps" = 3 }
 [eval]
 num_samples = 64
@@ -139,7 +133,7 @@ methods = ["dense", "static"]
 sparsities = [0.25, 0.5, 0.75]
 [[datasets]]
 name = "toy"
-preset = "fake"
+preset = "ldm-tiny"
 """,
     )
     out = tmp_path / "out"
@@ -191,7 +185,7 @@ methods = ["dense", "static"]
 sparsities = [0.5]
 [[datasets]]
 name = "toy"
-preset = "fake"
+preset = "ldm-tiny"
 """,
     )
 
@@ -219,13 +213,10 @@ methods = ["dense", "static"]
 sparsities = [0.5]
 [[datasets]]
 name = "img"
-preset = "fake"
-pipeline = "ldm"
-overrides = { "fake.sleep" = 0.5 }
+preset = "ldm-tiny"
 [[datasets]]
 name = "seq"
-preset = "fake"
-pipeline = "chirodiff"
+preset = "chirodiff-tiny"
 """,
     )
     out = run_study(
@@ -281,7 +272,7 @@ def test_partial_training_is_not_evaluated(tmp_path):
 methods = ["dense"]
 [[datasets]]
 name = "toy"
-preset = "fake"
+preset = "ldm-tiny"
 """,
     )
 
@@ -300,3 +291,20 @@ preset = "fake"
     assert evaluated == [] and read_results(out / "results.jsonl") == []
     run_study(toml, out, train_fn=fake_train, evaluate_fn=evaluate, progress=False)
     assert read_results(out / "results.jsonl")[0]["resumed"] is True
+
+
+def test_a_bad_cell_config_fails_before_anything_runs(tmp_path):
+    toml = _write_study(
+        tmp_path,
+        """
+methods = ["dense"]
+[overrides]
+"train.stepz" = 3
+[[datasets]]
+name = "toy"
+preset = "ldm-tiny"
+""",
+    )
+    with pytest.raises(ValueError, match="cell toy/dense-seed0: .*stepz"):
+        run_study(toml, tmp_path / "out", train_fn=fake_train, evaluate_fn=fake_evaluate)
+    assert not (tmp_path / "out" / "runs").exists()

@@ -1,6 +1,5 @@
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -130,8 +129,3 @@ def test_checkpoints_refuse_pickled_code(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         checkpoint.load_checkpoint(tmp_path / "evil.pt")
-
-
-def test_dist_defaults_to_single_process():
-    assert CPU.is_main and not CPU.enabled
-    assert Path(__file__).exists()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from sparsediff.config import CONFIG_DIR, load_config, parse_override
+from sparsediff.diffusion.samplers import SAMPLERS
 
 EPILOG = """\
 examples:
@@ -29,12 +30,12 @@ def _default_run_dir(name: str, overrides: dict) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a run from a preset name or TOML path."""
-    from sparsediff.pipelines import train_config
+    from sparsediff.pipelines import train
 
     overrides = dict(parse_override(o) for o in args.set)
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg.name, overrides)
-    summary = train_config(cfg, run_dir, resume=args.resume)
+    summary = train(cfg, run_dir, resume=args.resume)
     print(json.dumps({"run_dir": str(run_dir), **summary}, default=str))
     return 0
 
@@ -44,7 +45,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from sparsediff.pipelines import sample
 
     out = sample(
-        args.run_dir, args.out, args.num, args.sampler, args.steps, args.eta, args.seed, args.device
+        args.run_dir,
+        args.out,
+        num=args.num,
+        sampler=args.sampler,
+        steps=args.steps,
+        eta=args.eta,
+        seed=args.seed,
+        device=args.device,
     )
     print(out)
     return 0
@@ -52,13 +60,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a finished run with the documented protocol."""
-    from sparsediff.metrics.evaluate import evaluate_run
+    from sparsediff.pipelines import evaluate
 
     seeds = None
     if args.seed_range:
         start, _, stop = args.seed_range.partition(":")
         seeds = (int(start), int(stop))
-    record = evaluate_run(
+    record = evaluate(
         args.run_dir,
         num_samples=args.num_samples,
         sampler=args.sampler,
@@ -121,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a grid from a finished run")
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
-    p.add_argument(
-        "--sampler", choices=["ddim", "ddpm"], default=None, help="sampler (default: sample.*)"
-    )
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: sample.*)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (network evaluations)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -134,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="FID/KID/precision/recall, parameters and FLOPs")
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--num-samples", type=int, default=None, help="generated samples (eval.*)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="sampler")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler")
     p.add_argument("--steps", type=int, default=None, help="sampler steps")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta")
     p.add_argument(

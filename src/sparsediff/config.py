@@ -9,11 +9,22 @@ field that only one pipeline reads says so in its comment. The fully resolved co
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from sparsediff.data.sketch_ops import REPRESENTATIONS
+from sparsediff.diffusion.samplers import SAMPLERS
+from sparsediff.diffusion.schedules import DEFAULT_BETA_RANGE, SCHEDULE_KINDS
+from sparsediff.io import read_json
+from sparsediff.sparsity import check_settings
+
+# Choices owned by modules that import diffusers when they load (models.autoencoder), or that
+# name no tuple of their own (models.chirodiff's build_chirodiff_denoiser), are listed here.
+AUTOENCODER_KINDS = ("vq", "kl")  # models.autoencoder: diffusers VQModel | AutoencoderKL
+CHIRODIFF_ARCHS = ("birnn", "transformer")  # models.chirodiff.build_chirodiff_denoiser
+PRECISIONS = ("fp32", "bf16", "fp16")  # owned here: training imports config, not the reverse
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -77,8 +88,10 @@ class DiffusionConfig:
 
     schedule: str = "ldm"  # ldm (linear in sqrt beta) | linear (ChiroDiff) | cosine
     timesteps: int = 1000
-    beta_start: float = 0.0015
-    beta_end: float = 0.0195
+    # 0.0 = the schedule's default, DEFAULT_BETA_RANGE in diffusion/schedules.py: ldm 0.0015 and
+    # 0.0195, linear 1e-4 and 2e-2 (cosine uses none); load_config writes the number in
+    beta_start: float = 0.0
+    beta_end: float = 0.0
 
 
 @dataclass
@@ -255,33 +268,60 @@ def load_config(
         overrides = dict(parse_override(o) for o in overrides)
     for key, value in (overrides or {}).items():
         _set(cfg, key, value, "override")
+    _resolve_defaults(cfg)
     validate(cfg)
     return cfg
 
 
+def _resolve_defaults(cfg: RunConfig) -> None:
+    """Replace "the schedule's default" placeholders by numbers, so config.json is explicit."""
+    defaults = DEFAULT_BETA_RANGE.get(cfg.diffusion.schedule)
+    if defaults is None:  # an unknown schedule: validate names it
+        return
+    if cfg.diffusion.beta_start == 0.0:
+        cfg.diffusion.beta_start = defaults[0]
+    if cfg.diffusion.beta_end == 0.0:
+        cfg.diffusion.beta_end = defaults[1]
+
+
 def validate(cfg: RunConfig) -> None:
-    """Reject values no run could use, before anything is built."""
+    """Reject values no run could use, before anything is built.
+
+    The pipeline name is checked by the pipelines registry, sparse settings by the engine's own
+    rules (:func:`sparsediff.sparsity.check_settings`); the choice lists come from the packages
+    that own them.
+    """
     choices = {
-        "pipeline": (cfg.pipeline, ("ldm", "chirodiff")),
-        "train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
-        "sample.sampler": (cfg.sample.sampler, ("ddim", "ddpm")),
-        "eval.sampler": (cfg.eval.sampler, ("ddim", "ddpm")),
-        "autoencoder.kind": (cfg.autoencoder.kind, ("vq", "kl")),
-        "data.representation": (cfg.data.representation, ("velocity", "absolute")),
-        "model.arch": (cfg.model.arch, ("birnn", "transformer")),
-        "sparse.method": (cfg.sparse.method, ("dense", "static", "rigl", "magran")),
-        "sparse.distribution": (cfg.sparse.distribution, ("uniform", "er", "erk")),
-        "sparse.prune_schedule": (cfg.sparse.prune_schedule, ("constant", "cosine", "linear")),
+        "train.precision": (cfg.train.precision, PRECISIONS),
+        "sample.sampler": (cfg.sample.sampler, SAMPLERS),
+        "eval.sampler": (cfg.eval.sampler, SAMPLERS),
+        "autoencoder.kind": (cfg.autoencoder.kind, AUTOENCODER_KINDS),
+        "data.representation": (cfg.data.representation, REPRESENTATIONS),
+        "model.arch": (cfg.model.arch, CHIRODIFF_ARCHS),
+        "diffusion.schedule": (cfg.diffusion.schedule, SCHEDULE_KINDS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key} = {value!r}; allowed: {', '.join(allowed)}")
-    if not 0.0 <= cfg.sparse.sparsity < 1.0:
-        raise ValueError(f"sparse.sparsity must be in [0, 1), got {cfg.sparse.sparsity}")
-    if not 0.0 < cfg.sparse.prune_ratio <= 1.0:
-        raise ValueError(f"sparse.prune_ratio must be in (0, 1], got {cfg.sparse.prune_ratio}")
+    s = cfg.sparse
+    check_settings(
+        method=s.method,
+        sparsity=s.sparsity,
+        distribution=s.distribution,
+        update_interval=s.update_interval,
+        prune_ratio=s.prune_ratio,
+        prune_schedule=s.prune_schedule,
+        stop_fraction=s.stop_fraction,
+        erk_power_scale=s.erk_power_scale,
+        prefix="sparse.",
+    )
+    d = cfg.diffusion
+    if d.schedule != "cosine" and not 0.0 < d.beta_start <= d.beta_end < 1.0:
+        raise ValueError(
+            f"diffusion.beta_start/beta_end must satisfy 0 < start <= end < 1 for the "
+            f"{d.schedule!r} schedule, got {d.beta_start}, {d.beta_end}"
+        )
     for key, value in {
-        "sparse.update_interval": cfg.sparse.update_interval,
         "train.steps": cfg.train.steps,
         "train.batch_size": cfg.train.batch_size,
         "train.grad_accum": cfg.train.grad_accum,
@@ -291,12 +331,6 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"{key} must be >= 1, got {value}")
 
 
-def from_dict(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from ``to_dict()`` output (e.g. a run's config.json)."""
-    return load_config(data)
-
-
 def read_run_config(run_dir: str | Path) -> RunConfig:
     """The resolved config a run wrote to its directory."""
-    data = json.loads((Path(run_dir) / "config.json").read_text())
-    return from_dict(data["config"])
+    return load_config(read_json(Path(run_dir) / "config.json")["config"])

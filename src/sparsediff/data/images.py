@@ -6,7 +6,6 @@ Items are float tensors ``(C, H, W)`` in [-1, 1]. Unreadable images yield ``None
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
+
+from sparsediff.data.idx import read_idx
+from sparsediff.data.splits import seeded_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -138,37 +140,37 @@ def _same(a: str, b: str) -> bool:
     return a == b or (a in _VAL_NAMES and b in _VAL_NAMES)
 
 
-def seeded_split(
+def _split_files(
     files: Sequence[str],
     split: str,
     max_train: int | None,
     max_val: int | None,
     seed: int,
 ) -> list[str]:
-    """Shuffle ``files`` with ``seed``; train = first ``max_train``, val = next ``max_val``.
+    """Files of ``split`` from a :func:`~sparsediff.data.splits.seeded_split` of ``files``.
 
-    ``max_train=None`` leaves ``max_val`` (or 0) files for val; ``max_val=None`` gives val the
-    remainder. ``split="all"`` returns every file in sorted order.
+    Train = the first ``max_train`` shuffled files, val = the next ``max_val`` (in shuffled
+    order). ``max_train=None`` leaves ``max_val`` (or 0) files for val; ``max_val=None`` gives
+    val the remainder. ``split="all"`` returns ``files`` unchanged.
     """
     if split == "all":
         return list(files)
-    order = np.random.default_rng(seed).permutation(len(files))
-    shuffled = [files[i] for i in order]
-    n_train = len(files) - (max_val or 0) if max_train is None else min(max_train, len(files))
-    n_train = max(n_train, 0)
     if split == "train":
-        return shuffled[:n_train]
-    if split in _VAL_NAMES:
-        rest = shuffled[n_train:]
-        return rest if max_val is None else rest[:max_val]
-    raise ValueError(f"unknown split {split!r}; expected 'train', 'val' or 'all'")
+        part = 0
+    elif split in _VAL_NAMES:
+        part = 1
+    else:
+        raise ValueError(f"unknown split {split!r}; expected 'train', 'val' or 'all'")
+    n_train = len(files) - (max_val or 0) if max_train is None else min(max_train, len(files))
+    sizes = (max(n_train, 0), max_val)
+    return [files[i] for i in seeded_split(len(files), sizes, part, seed)]
 
 
 class ImageFolderDataset(_SkipReportMixin, Dataset):
     """Recursively scanned image folder, centre-cropped and resized to ``resolution``.
 
     Splits come from ``split_file`` (see :func:`_read_split_file`) or from a seeded shuffle
-    (:func:`seeded_split`), which reproduces the study's subsets, e.g. CelebA-HQ
+    (:func:`_split_files`), which reproduces the study's subsets, e.g. CelebA-HQ
     ``max_train=12500, max_val=500`` and LSUN-Bedrooms ``max_train=10598, max_val=2500``.
     """
 
@@ -199,7 +201,7 @@ class ImageFolderDataset(_SkipReportMixin, Dataset):
                 for p in self.root.rglob("*")
                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
             )
-            self.files = seeded_split(files, split, max_train, max_val, split_seed)
+            self.files = _split_files(files, split, max_train, max_val, split_seed)
         if not self.files:
             raise ValueError(
                 f"no images for split {split!r} under {self.root} "
@@ -217,36 +219,6 @@ class ImageFolderDataset(_SkipReportMixin, Dataset):
             # PIL raises OSError for truncated/corrupt data, SyntaxError for some bad headers.
             self.bad_files.add(path)
             return None
-
-
-def _open_idx(path: Path) -> bytes:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        return f.read()
-
-
-def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
-    """Read an IDX file (raw or gzip) of unsigned bytes into a numpy array.
-
-    The magic number is ``0x08`` (ubyte) in byte 3 and the number of dimensions in byte 4; the
-    Fashion-MNIST images use 2051 (3 dims), labels 2049 (1 dim).
-    """
-    path = Path(path)
-    data = _open_idx(path)
-    if len(data) < 4:
-        raise ValueError(f"{path}: too short for an IDX file")
-    magic = int.from_bytes(data[:4], "big")
-    if data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4:
-        raise ValueError(f"{path}: bad IDX magic number {magic:#010x} (expected unsigned bytes)")
-    if expected_magic is not None and magic != expected_magic:
-        raise ValueError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
-    count = int(np.prod(shape))
-    if len(data) - offset < count:
-        raise ValueError(f"{path}: truncated IDX file ({len(data) - offset} of {count} bytes)")
-    return np.frombuffer(data, dtype=np.uint8, count=count, offset=offset).reshape(shape)
 
 
 def _find_idx(root: Path, stem: str) -> Path:
@@ -308,10 +280,6 @@ class FashionMNIST(_SkipReportMixin, Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return _to_tensor(self.images[index])
-
-    def as_tensor(self) -> torch.Tensor:
-        """All images as one ``(N, 1, pad_to, pad_to)`` float tensor (fast in-memory batching)."""
-        return torch.from_numpy(self.images[:, None].astype(np.float32) / 127.5 - 1.0)
 
 
 DATASET_NAMES = ("fashion-mnist", "celebahq", "lsun-bedrooms", "imagenette", "folder")

@@ -1,8 +1,12 @@
 """Latent cache: encode an image dataset once with the first stage and reuse it across runs.
 
 The cache is a safetensors file (``latents``: ``(N, C, h, w)``) whose metadata holds a JSON
-record of the autoencoder fingerprint, the dataset identity, caller-supplied extras and the
+record of the encoder fingerprint, the dataset identity, caller-supplied extras and the
 latent statistics. A cache whose record differs from the current request is rebuilt.
+
+The cache knows no model: the caller passes an ``encode`` function and a ``fingerprint`` string
+identifying the encoder (the Latent Diffusion pipeline passes its autoencoder's encoder and a
+hash of its weights).
 """
 
 from __future__ import annotations
@@ -10,19 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from sparsediff.data.images import collate_skip_none
-from sparsediff.models.autoencoder import autoencoder_fingerprint, encode_latents
+from sparsediff.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ _KEY_FIELDS = ("version", "ae_fingerprint", "dataset", "extra", "dtype")
 
 class LatentDataset(Dataset):
     """In-memory first-stage latents; items are unscaled float32 ``(C, h, w)`` tensors.
+
+    ``latents`` is the whole ``(N, C, h, w)`` tensor in the cache's storage dtype.
 
     ``scale_factor`` = 1 / std of all latents is LDM's ``scale_by_std`` factor; it is only
     recorded — the caller decides whether to train on ``z * scale_factor`` (and decode
@@ -72,10 +77,6 @@ class LatentDataset(Dataset):
     def scale_factor(self) -> float:
         """LDM's ``scale_by_std`` factor, 1 / std."""
         return 1.0 / self.std
-
-    def as_tensor(self) -> torch.Tensor:
-        """All latents as one float32 tensor (fast in-memory batching)."""
-        return self.latents.float()
 
 
 def _dataset_identity(dataset: Dataset) -> dict[str, Any]:
@@ -147,7 +148,8 @@ class LatentCache:
     def build_or_load(
         cls,
         cache_dir: str | Path,
-        ae: nn.Module,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        fingerprint: str,
         dataset: Dataset,
         batch_size: int = 64,
         fingerprint_extra: dict[str, Any] | None = None,
@@ -157,18 +159,27 @@ class LatentCache:
         num_workers: int = 0,
         progress: bool = True,
     ) -> LatentDataset:
-        """Return the latents of ``dataset`` under ``ae``, encoding them only when needed.
+        """Return the latents of ``dataset`` under ``encode``, encoding them only when needed.
 
-        The cache is reused when the AE fingerprint, dataset identity, ``fingerprint_extra``
-        (e.g. the first-stage checkpoint path or preprocessing options) and ``dtype`` match;
-        otherwise it is re-encoded (no_grad, eval mode, in batches) and overwritten. Unreadable
-        images are dropped and counted in ``meta["skipped"]``; ``meta`` also records the global
-        and per-channel latent mean/std (see :class:`LatentDataset`).
+        ``encode`` maps an image batch (already on ``device``, default CPU) to latents; it runs
+        under ``torch.no_grad()`` and should be deterministic (model in eval mode).
+        ``fingerprint`` identifies the encoder (e.g. ``autoencoder_fingerprint(ae)``, computed
+        once by the caller; the cache never hashes weights). The cache is reused when
+        ``fingerprint``, the dataset identity, ``fingerprint_extra`` (e.g. the first-stage
+        checkpoint path or preprocessing options) and ``dtype`` match; otherwise it is
+        re-encoded in batches and overwritten atomically. Unreadable images are dropped,
+        reported (``tqdm.write``) and counted in ``meta["skipped"]``; ``meta`` also records the
+        global and per-channel latent mean/std (see :class:`LatentDataset`).
         """
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise TypeError(
+                "fingerprint must be a non-empty string identifying the encoder "
+                f"(e.g. autoencoder_fingerprint(ae)), got {type(fingerprint).__name__}"
+            )
         identity = _dataset_identity(dataset)
         key = {
             "version": CACHE_VERSION,
-            "ae_fingerprint": autoencoder_fingerprint(ae),
+            "ae_fingerprint": fingerprint,
             "dataset": identity,
             "extra": json.loads(json.dumps(fingerprint_extra or {}, sort_keys=True, default=str)),
             "dtype": str(dtype).removeprefix("torch."),
@@ -182,8 +193,7 @@ class LatentCache:
             changed = [k for k in _KEY_FIELDS if record.get(k) != key[k]]
             log.info("latent cache %s is stale (%s differ); re-encoding", path, ", ".join(changed))
 
-        if device is None:
-            device = next(ae.parameters()).device
+        device = torch.device("cpu" if device is None else device)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -191,36 +201,36 @@ class LatentCache:
             num_workers=num_workers,
             collate_fn=collate_skip_none,
         )
-        was_training = ae.training
-        ae.eval()
         chunks: list[torch.Tensor] = []
-        try:
-            with torch.no_grad():
-                for batch in tqdm(loader, disable=not progress, desc="encoding latents"):
-                    if batch is None:
-                        continue
-                    if isinstance(batch, list | tuple):  # (image, label, ...) datasets
-                        batch = batch[0]
-                    z = encode_latents(ae, batch.to(device))
-                    chunks.append(z.float().cpu())
-        finally:
-            ae.train(was_training)
+        with torch.no_grad():
+            for batch in tqdm(loader, disable=not progress, desc="encoding latents"):
+                if batch is None:
+                    continue
+                if isinstance(batch, list | tuple):  # (image, label, ...) datasets
+                    batch = batch[0]
+                chunks.append(encode(batch.to(device)).float().cpu())
         if not chunks:
             raise ValueError(f"no readable images in dataset {identity}; nothing to encode")
         stats = _latent_stats(chunks)
         latents = torch.cat(chunks)
+        skipped = len(dataset) - latents.shape[0]
+        if skipped:
+            detail = getattr(dataset, "pop_skipped_report", lambda: None)()
+            tqdm.write(
+                f"latent cache: skipped {skipped} unreadable image(s) of {len(dataset)} "
+                f"while encoding {identity.get('name', 'data')}"
+                + (f" ({detail})" if detail else "")
+            )
         meta = {
             **key,
             **stats,
             "count": latents.shape[0],
-            "skipped": len(dataset) - latents.shape[0],
+            "skipped": skipped,
             "latent_shape": list(latents.shape[1:]),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(
-            {"latents": latents.to(dtype).contiguous()}, str(tmp), {_META_KEY: json.dumps(meta)}
-        )
-        os.replace(tmp, path)  # atomic: a crashed run never leaves a half-written cache
+        tensors = {"latents": latents.to(dtype).contiguous()}
+        metadata = {_META_KEY: json.dumps(meta)}
+        # Atomic: a crashed run never leaves a half-written cache under the real name.
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
         log.info("cached %d latents %s to %s", latents.shape[0], tuple(latents.shape[1:]), path)
         return cls.load(path)

@@ -1,9 +1,11 @@
-"""Rasterise sketches (anti-aliased PNG/arrays) and write SVGs.
+"""Rasterise sketches (anti-aliased uint8 arrays) and write SVGs.
 
 Convention: **white strokes (255) on a black background (0)**, like MNIST; use the same
 ``rasterize`` settings for real and generated sets when computing FID. The sketch's
 bounding box is fitted into the canvas (aspect ratio kept, centred, ``padding`` fraction
 of the canvas on each side); y grows downwards, as in QuickDraw/KanjiVG coordinates.
+PNG grids: stack :func:`rasterize` outputs to ``(N, 1, H, W)`` uint8 and write them with
+:func:`sparsediff.imaging.save_image_grid` (``fill=128``: mid-grey gaps keep black cells visible).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sparsediff.data.sketch_ops import Sketch
+from sparsediff.io import write_text
 
 
 def _finite_strokes(strokes: Sequence[np.ndarray]) -> Sketch:
@@ -107,32 +110,6 @@ def strokes_to_svg(
     return "\n".join(parts) + "\n"
 
 
-def save_svg(strokes: Sequence[np.ndarray], path: str | Path, **kwargs: object) -> None:
-    """Write :func:`strokes_to_svg` output (``kwargs`` forwarded) to ``path``."""
-    Path(path).write_text(strokes_to_svg(strokes, **kwargs), encoding="utf-8")  # type: ignore[arg-type]
-
-
-def save_png_grid(
-    sketches: Sequence[Sequence[np.ndarray]],
-    path: str | Path,
-    nrow: int = 8,
-    size: int = 64,
-    line_width: float = 2.0,
-    padding: float = 0.1,
-    gap: int = 2,
-) -> np.ndarray:
-    """Rasterise sketches into a grid PNG with ``nrow`` images per row; returns the grid.
-
-    Cells are separated by ``gap`` pixels of mid grey so empty (black) cells stay visible.
-    """
-    if not sketches:
-        raise ValueError("save_png_grid needs at least one sketch")
-    ncol = max(1, nrow)
-    rows = -(-len(sketches) // ncol)
-    grid = np.full((rows * (size + gap) + gap, ncol * (size + gap) + gap), 128, dtype=np.uint8)
-    for k, sk in enumerate(sketches):
-        r, c = divmod(k, ncol)
-        y, x = gap + r * (size + gap), gap + c * (size + gap)
-        grid[y : y + size, x : x + size] = rasterize(sk, size, line_width, padding)
-    Image.fromarray(grid, mode="L").save(path)
-    return grid
+def save_svg(strokes: Sequence[np.ndarray], path: str | Path, **kwargs: object) -> Path:
+    """Atomically write :func:`strokes_to_svg` output (``kwargs`` forwarded); returns ``path``."""
+    return write_text(path, strokes_to_svg(strokes, **kwargs))  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from sparsediff.data import strokes as fmt
@@ -27,6 +28,7 @@ from sparsediff.data.sketch_ops import (
     sequence_to_strokes,
     strokes_to_sequence,
 )
+from sparsediff.data.splits import fraction_sizes, seeded_split
 from sparsediff.data.strokes import LoadReport
 
 SOURCES = ("kanjivg", "stroke3", "ndjson", "vmnist")
@@ -91,10 +93,6 @@ class StrokeSequenceDataset(Dataset):
         # Copy: callers may noise/normalise the batch in place.
         return torch.from_numpy(self.sequences[index].copy())
 
-    def sample_lengths(self, n: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
-        """Draw ``n`` sequence lengths from the empirical distribution (for sampling)."""
-        return np.random.default_rng(rng).choice(self.lengths, size=n, replace=True)
-
     def strokes(self, index: int, pen_threshold: float = DEFAULT_PEN_THRESHOLD) -> Sketch:
         """Decode item ``index`` back into a sketch."""
         return sequence_to_strokes(self.sequences[index], self.representation, pen_threshold)
@@ -103,25 +101,15 @@ class StrokeSequenceDataset(Dataset):
 def collate_sequences(batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Zero-pad ``(L_i, 3)`` sequences to ``x`` ``(B, Lmax, 3)``; ``lengths`` ``(B,)`` long."""
     lengths = torch.tensor([len(s) for s in batch], dtype=torch.long)
-    x = torch.zeros(len(batch), int(lengths.max()), batch[0].shape[-1], dtype=batch[0].dtype)
-    for i, s in enumerate(batch):
-        x[i, : len(s)] = s
-    return {"x": x, "lengths": lengths}
+    return {"x": pad_sequence(list(batch), batch_first=True), "lengths": lengths}
 
 
-def split_indices(
-    n: int, split: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+def _split_indices(
+    n: int, split: str, fractions: tuple[float, float, float], seed: int
 ) -> np.ndarray:
-    """Indices of ``split`` in a seeded random train/valid/test partition of ``range(n)``."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    total = sum(fractions)
-    perm = np.random.default_rng(seed).permutation(n)
-    n_train = int(round(fractions[0] / total * n))
-    n_valid = int(round(fractions[1] / total * n))
-    bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid)}
-    lo, hi = bounds.get(split, (n_train + n_valid, n))
-    return np.sort(perm[lo:hi])
+    """Sorted indices of ``split`` in a seeded train/valid/test partition of ``range(n)``."""
+    part = seeded_split(n, fraction_sizes(n, fractions), SPLITS.index(split), seed)
+    return np.sort(part)
 
 
 def _resolve(source: str, path: str | None, category: str | None, suffix: str) -> Path:
@@ -170,17 +158,14 @@ def _load_raw(
             raise FileNotFoundError(f"KanjiVG directory not found: {path}. {_MISSING_HELP[source]}")
         files = fmt.list_kanjivg_files(path, exclude_variants)
         if limit is not None:  # a seeded subset, so limit does not bias towards low code points
-            files = [
-                files[i]
-                for i in np.sort(np.random.default_rng(seed).permutation(len(files))[:limit])
-            ]
+            files = [files[i] for i in np.sort(seeded_split(len(files), (limit,), 0, seed))]
             sketches, report = fmt.load_kanjivg(files)
         else:
             cached, cached_report = _kanjivg_raw(path, exclude_variants)
             sketches, report = list(cached), copy.deepcopy(cached_report)
     else:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    idx = split_indices(len(sketches), split, fractions, seed)
+    idx = _split_indices(len(sketches), split, fractions, seed)
     return [sketches[i] for i in idx], report
 
 

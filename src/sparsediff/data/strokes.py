@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsediff.data.sketch_ops import Sketch, stroke3_to_strokes, validate_sketch
-
-STROKE3_SPLITS = ("train", "valid", "test")
+from sparsediff.io import atomic_write
 
 
 @dataclass
@@ -37,11 +36,6 @@ class LoadReport:
     def skip(self, reason: str) -> None:
         """Record one skipped entry."""
         self.skipped[reason] += 1
-
-    @property
-    def n_skipped(self) -> int:
-        """Total number of skipped entries."""
-        return sum(self.skipped.values())
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
@@ -144,13 +138,19 @@ def save_stroke3_npz(
     splits: Mapping[str, Sequence[np.ndarray]],
     extra: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-    """Write stroke-3 splits (object arrays of ``(n, 3)`` arrays) to a compressed ``.npz``.
+    """Atomically write stroke-3 splits (object arrays of ``(n, 3)`` arrays) to a compressed
+    ``.npz`` at exactly ``path``.
 
     ``extra`` holds plain (non-object) arrays such as labels.
     """
     arrays = {k: _object_array(list(v)) for k, v in splits.items()}
     arrays.update({k: np.asarray(v) for k, v in (extra or {}).items()})
-    np.savez_compressed(path, **arrays)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to a tmp name
+            np.savez_compressed(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def _check_stroke3(seq: object) -> str | None:

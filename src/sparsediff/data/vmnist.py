@@ -21,43 +21,21 @@ Output layout (one file, sketch-rnn compatible)::
 from __future__ import annotations
 
 import argparse
-import gzip
 import math
 from pathlib import Path
 
 import numpy as np
 from skimage.morphology import skeletonize
 
+from sparsediff.data.idx import read_idx
 from sparsediff.data.sketch_ops import Sketch, strokes_to_stroke3
+from sparsediff.data.splits import seeded_split
 from sparsediff.data.strokes import save_stroke3_npz
 
 VMNIST_FILE = "vmnist.npz"
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _ORTHO = ((-1, 0), (1, 0), (0, -1), (0, 1))
 _DIAG = ((-1, -1), (-1, 1), (1, -1), (1, 1))
 _MIN_JUNCTION_COS = 0.5  # a walk crosses a junction only when turning by less than 60 degrees
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (MNIST format), gzip-compressed or not."""
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file")
-    ndim = raw[3]
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim, count=math.prod(dims))
-    return data.reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def write_idx(path: str | Path, array: np.ndarray) -> None:
-    """Write a ``uint8`` array as an IDX file (gzip-compressed if ``path`` ends in .gz)."""
-    a = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, a.ndim]) + b"".join(d.to_bytes(4, "big") for d in a.shape)
-    payload = header + a.tobytes()
-    Path(path).write_bytes(gzip.compress(payload) if str(path).endswith(".gz") else payload)
 
 
 def _pixel_graph(skel: np.ndarray) -> dict[tuple[int, int], list[tuple[int, int]]]:
@@ -169,10 +147,9 @@ def convert_mnist_to_vmnist(
         if prefix == "t10k":
             splits["test"], labels["test_labels"] = seqs, labs
             continue
-        perm = np.random.default_rng(seed).permutation(len(seqs))
-        n_valid = int(round(valid_fraction * len(seqs)))
-        for name, idx in ((names[1], perm[:n_valid]), (names[0], perm[n_valid:])):
-            idx = np.sort(idx)
+        sizes = (int(round(valid_fraction * len(seqs))), None)  # valid first, train the rest
+        for part, name in enumerate((names[1], names[0])):
+            idx = np.sort(seeded_split(len(seqs), sizes, part, seed))
             splits[name] = [seqs[i] for i in idx]
             labels[f"{name}_labels"] = labs[idx]
     out = Path(out_dir)

@@ -35,15 +35,14 @@ def epsilon_mse(
     x0: torch.Tensor,
     scheduler: object,
     generator: torch.Generator | None = None,
-    mask: torch.Tensor | None = None,
     reduce_fn: ReduceFn | None = None,
 ) -> torch.Tensor:
     """ε-prediction MSE with ``t ~ U{0, …, T−1}`` and ``ε ~ N(0, I)``.
 
     ``model_fn(x_t, t) -> ε̂``; ``scheduler`` is any diffusers scheduler with ``alphas_cumprod``
-    and ``config.num_train_timesteps``. ``mask`` (broadcastable to ``x0``, 1 = valid) averages the
-    squared error over valid entries only; ``reduce_fn(pred, target)`` replaces the reduction
-    entirely (e.g. ChiroDiff's masked MSE). Given ``generator``, ``t`` and ``ε`` are reproducible.
+    and ``config.num_train_timesteps``. ``reduce_fn(pred, target)`` replaces the plain mean
+    (e.g. ChiroDiff's masked MSE over valid points). Given ``generator``, ``t`` and ``ε`` are
+    reproducible.
     """
     num_timesteps = int(scheduler.config.num_train_timesteps)
     gen_device = generator.device if generator is not None else x0.device
@@ -54,8 +53,4 @@ def epsilon_mse(
     pred = model_fn(x_t, t)
     if reduce_fn is not None:
         return reduce_fn(pred, noise)
-    if mask is None:
-        return F.mse_loss(pred.float(), noise.float())
-    mask = mask.to(pred.dtype).expand_as(pred)
-    sq = (pred.float() - noise.float()) ** 2 * mask
-    return sq.sum() / mask.sum().clamp_min(1.0)
+    return F.mse_loss(pred.float(), noise.float())

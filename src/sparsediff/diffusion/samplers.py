@@ -9,15 +9,44 @@ Diffusers schedulers are the schedule source (ᾱ_t, timestep spacing). DDIM ste
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from sparsediff.diffusion.schedules import DDIM_DEFAULTS
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to run the reverse chain: everything that moves a sample besides seed and weights.
+
+    ``steps`` = network evaluations (None: 50 for DDIM, T for DDPM); ``eta`` = DDIM η;
+    ``variance_scale`` multiplies the injected noise std (ChiroDiff's variance factor).
+    """
+
+    sampler: str = "ddim"
+    steps: int | None = None
+    eta: float = 0.0
+    variance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
+        if self.eta < 0 or self.variance_scale < 0:
+            raise ValueError(
+                f"eta and variance_scale must be >= 0, got {self.eta}, {self.variance_scale}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a flat, JSON-ready dict."""
+        return asdict(self)
 
 
 def _config_dict(scheduler_config: Any) -> tuple[dict[str, Any], str | None]:
@@ -32,12 +61,14 @@ def _config_dict(scheduler_config: Any) -> tuple[dict[str, Any], str | None]:
     return {k: v for k, v in config.items() if not k.startswith("_")}, class_name
 
 
-def build_sampling_scheduler(scheduler_config: Any, sampler: str) -> DDIMScheduler | DDPMScheduler:
+def build_sampling_scheduler(scheduler_config: Any, sampler: str) -> Any:
     """Scheduler of the requested ``sampler`` kind sharing ``scheduler_config``'s β schedule.
 
     A config of another class (e.g. the training DDPM config used for DDIM sampling) gets the
     CompVis DDIM settings (:data:`DDIM_DEFAULTS`); a DDIM config is used as is.
     """
+    from diffusers import DDIMScheduler, DDPMScheduler  # heavy: only when sampling
+
     config, class_name = _config_dict(scheduler_config)
     if sampler == "ddim":
         extra = {} if class_name == "DDIMScheduler" else DDIM_DEFAULTS
@@ -58,7 +89,7 @@ def _randn(
 
 
 def ddpm_step(
-    scheduler: DDPMScheduler,
+    scheduler: Any,
     eps: torch.Tensor,
     t: int,
     prev_t: int,
@@ -96,25 +127,24 @@ def sample(
     model_fn: ModelFn,
     shape: tuple[int, ...],
     scheduler_config: Any,
-    sampler: str = "ddim",
-    steps: int | None = None,
-    eta: float = 0.0,
+    settings: SamplingSettings = SamplingSettings(),
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-    variance_scale: float = 1.0,
     progress: bool = False,
     x_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw samples of ``shape`` by running the reverse chain of ``model_fn``.
 
     ``scheduler_config``: a diffusers scheduler or its config (e.g. from
-    :func:`~sparsediff.diffusion.schedules.make_scheduler`). ``sampler="ddim"`` (default 50 steps,
-    ``eta`` = DDIM η) or ``"ddpm"`` (ancestral, default ``steps`` = T). ``variance_scale``
-    multiplies the injected noise std (DDPM σ_t, or DDIM's η-σ_t). ``x_T`` overrides the initial
-    noise. Deterministic given ``generator``. Returns a float32 tensor on ``device``.
+    :func:`~sparsediff.diffusion.schedules.make_scheduler`). ``settings``: DDIM (default 50
+    steps, η) or DDPM (ancestral, default T steps); ``variance_scale`` multiplies the injected
+    noise std (DDPM σ_t, or DDIM's η-σ_t). ``x_T`` overrides the initial noise. Deterministic
+    given ``generator``. Returns a float32 tensor on ``device``.
     """
     device = torch.device(device)
+    sampler, eta, variance_scale = settings.sampler, settings.eta, settings.variance_scale
     sched = build_sampling_scheduler(scheduler_config, sampler)
+    steps = settings.steps
     if steps is None:
         steps = 50 if sampler == "ddim" else int(sched.config.num_train_timesteps)
     sched.set_timesteps(steps)

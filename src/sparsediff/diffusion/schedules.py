@@ -1,4 +1,7 @@
-"""Noise schedules (β_t) and diffusers scheduler construction.
+"""Noise schedules (β_t) as diffusers scheduler configs, and scheduler construction.
+
+Importing this module is cheap (diffusers is imported by :func:`make_scheduler` only), so
+configuration code can use :data:`SCHEDULE_KINDS` and :data:`DEFAULT_BETA_RANGE`.
 
 Kinds:
 
@@ -13,11 +16,10 @@ Kinds:
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler, DDPMScheduler
 
 SCHEDULE_KINDS = ("ldm", "linear", "cosine")
 
@@ -46,44 +48,17 @@ def _beta_range(kind: str, beta_start: float | None, beta_end: float | None) -> 
     )
 
 
-def make_betas(
-    kind: str = "ldm",
-    num_timesteps: int = 1000,
-    beta_start: float | None = None,
-    beta_end: float | None = None,
-) -> torch.Tensor:
-    """Return the β_t schedule as a float64 tensor of length ``num_timesteps``.
-
-    ``beta_start``/``beta_end`` default per kind: ``ldm`` (0.0015, 0.0195), ``linear`` (1e-4, 2e-2);
-    for ``linear`` they are multiplied by ``1000 / num_timesteps`` (ChiroDiff's rescaling).
-    """
-    start, end = _beta_range(kind, beta_start, beta_end)
-    if kind == "ldm":
-        return (
-            torch.linspace(math.sqrt(start), math.sqrt(end), num_timesteps, dtype=torch.float64)
-            ** 2
-        )
-    if kind == "linear":
-        scale = 1000.0 / num_timesteps
-        return torch.linspace(start * scale, end * scale, num_timesteps, dtype=torch.float64)
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [
-        min(1.0 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999)
-        for i in range(num_timesteps)
-    ]
-    return torch.tensor(betas, dtype=torch.float64)
-
-
 def scheduler_kwargs(
     kind: str = "ldm",
     num_timesteps: int = 1000,
     beta_start: float | None = None,
     beta_end: float | None = None,
 ) -> dict[str, Any]:
-    """Diffusers scheduler config entries (beta schedule part) equivalent to :func:`make_betas`."""
+    """Diffusers scheduler config entries for a β schedule of :data:`SCHEDULE_KINDS`.
+
+    ``beta_start``/``beta_end`` default per kind (:data:`DEFAULT_BETA_RANGE`); for ``linear``
+    they are multiplied by ``1000 / num_timesteps`` (ChiroDiff's rescaling).
+    """
     start, end = _beta_range(kind, beta_start, beta_end)
     common: dict[str, Any] = {
         "num_train_timesteps": num_timesteps,
@@ -118,6 +93,8 @@ def make_scheduler(
     ``prediction_type="epsilon"`` and ``clip_sample=False`` as in LDM. Defaults reproduce LDM-4
     (T = 1000, β 0.0015 → 0.0195, linear in √β).
     """
+    from diffusers import DDIMScheduler, DDPMScheduler
+
     kwargs = scheduler_kwargs(kind, num_timesteps, beta_start, beta_end)
     if sampler == "ddpm":
         return DDPMScheduler(**kwargs, variance_type="fixed_small")

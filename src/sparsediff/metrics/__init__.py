@@ -3,6 +3,7 @@
 See docs/evaluation.md for the protocol.
 """
 
+from .checks import as_uint8_images
 from .features import extract_features
 from .image_metrics import (
     compute_metrics,
@@ -22,7 +23,6 @@ from .inception import (
     tf1_bilinear_resize,
 )
 from .reference import ReferenceCache, canonical_key_json, key_digest, reference_key
-from .validation import as_uint8_images, quantize_images
 
 __all__ = [
     "DEFAULT_INCEPTION_SHA1",
@@ -42,7 +42,6 @@ __all__ = [
     "key_digest",
     "kid_from_features",
     "precision_recall",
-    "quantize_images",
     "reference_key",
     "tf1_bilinear_resize",
 ]

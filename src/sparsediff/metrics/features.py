@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .validation import as_uint8_images
+from .checks import as_uint8_images
 
 Images = Tensor | Iterable[Tensor] | Iterable[tuple[Tensor, ...]]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .validation import check_feature_pair, check_features
+from .checks import check_feature_pair, check_features
 
 # Rows per distance block: keeps a (rows x N) float64 block near 32 MB.
 _BLOCK_ELEMENTS = 1 << 22

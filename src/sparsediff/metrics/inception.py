@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .validation import as_uint8_images
+from .checks import as_uint8_images
 
 INCEPTION_ENV_VAR = "SPARSEDIFF_INCEPTION"
 INCEPTION_INPUT_SIZE = 299

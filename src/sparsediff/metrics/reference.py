@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from sparsediff.io import atomic_write, write_text
+
+from .checks import check_features
 from .image_metrics import feature_statistics
 from .inception import PREPROCESSING_VERSION
-from .validation import check_features
 
 
 def canonical_key_json(key: dict[str, Any]) -> str:
@@ -63,18 +64,6 @@ def reference_key(
     }
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    # Write to a temp file in the same directory, then rename: readers never see partial files.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ReferenceCache:
     """Directory of cached reference features keyed by a dict (see module docstring)."""
 
@@ -111,10 +100,8 @@ class ReferenceCache:
         tensor_path, json_path = self.paths(key)
         key_json = canonical_key_json(key)
         tensors = {"features": stored.contiguous(), "mu": mu, "sigma": sigma}
-        _atomic_write(tensor_path, lambda p: save_file(tensors, p, metadata={"key": key_json}))
-        _atomic_write(
-            json_path, lambda p: Path(p).write_text(json.dumps(key, indent=2, sort_keys=True))
-        )
+        atomic_write(tensor_path, lambda p: save_file(tensors, p, metadata={"key": key_json}))
+        write_text(json_path, json.dumps(key, indent=2, sort_keys=True))
         return {"features": features, "mu": mu, "sigma": sigma}
 
     def get_or_compute(self, key: dict[str, Any], compute_fn: Callable[[], Tensor]) -> Tensor:

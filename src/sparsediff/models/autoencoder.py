@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, VQModel
 from torch import nn
 
@@ -133,15 +132,12 @@ def autoencoder_loss(
     l2_weight: float = 1.0,
     reg_weight: float = 1.0,
     kl_weight: float = 1e-6,
-    disc: nn.Module | None = None,
-    disc_weight: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """First-stage training loss: L1 + L2 reconstruction + VQ codebook/commitment or KL term.
 
     KL (weight ``kl_weight`` = 1e-6 as in LDM) is taken per input element, matching LDM's ratio
-    of a summed KL to a summed reconstruction loss. With ``disc`` the hinge generator loss
-    ``−D(x̂)`` is added with ``disc_weight``. Pass ``recon=reconstruct(ae, x)`` to reuse a
-    reconstruction (e.g. also fed to :func:`discriminator_loss`). Returns ``(loss, logs)``.
+    of a summed KL to a summed reconstruction loss. Pass ``recon=reconstruct(ae, x)`` to reuse a
+    reconstruction. Returns ``(loss, logs)``.
     """
     rec, reg = recon if recon is not None else reconstruct(ae, x)
     l1 = (rec - x).abs().mean()
@@ -155,53 +151,7 @@ def autoencoder_loss(
         kl = reg / x[0].numel()
         loss = loss + kl_weight * kl
         logs["kl"] = kl.item()
-    if disc is not None:
-        g_adv = -disc(rec).mean()
-        loss = loss + disc_weight * g_adv
-        logs["g_adv"] = g_adv.item()
     logs["loss"] = loss.item()
-    return loss, logs
-
-
-class PatchDiscriminator(nn.Module):
-    """PatchGAN discriminator (pix2pix / taming ``NLayerDiscriminator``) giving per-patch logits."""
-
-    def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, channels, 4, 2, 1),
-            nn.LeakyReLU(0.2, True),
-        ]
-        ch = channels
-        for i in range(1, n_layers + 1):
-            out = channels * min(2**i, 8)
-            stride = 2 if i < n_layers else 1
-            layers += [
-                nn.Conv2d(ch, out, 4, stride, 1, bias=False),
-                nn.BatchNorm2d(out),
-                nn.LeakyReLU(0.2, True),
-            ]
-            ch = out
-        layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-patch real/fake logits ``(B, 1, h, w)``."""
-        return self.net(x)
-
-
-def discriminator_loss(
-    disc: nn.Module, real: torch.Tensor, fake: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Hinge loss for ``disc``; ``fake`` should be detached reconstructions."""
-    logits_real = disc(real)
-    logits_fake = disc(fake.detach())
-    loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-    logs = {
-        "d_loss": loss.item(),
-        "logits_real": logits_real.mean().item(),
-        "logits_fake": logits_fake.mean().item(),
-    }
     return loss, logs
 
 

@@ -217,7 +217,7 @@ def _activation(name: str | None) -> nn.Module:
 def build_chirodiff_denoiser(arch: str = "birnn", **kwargs: object) -> nn.Module:
     """Factory: ``arch`` "birnn" -> :class:`BiGRUDenoiser`, "transformer" ->
     :class:`TransformerDenoiser`; ``kwargs`` go to the constructor."""
-    if arch in ("birnn", "gru", "bigru"):
+    if arch == "birnn":
         return BiGRUDenoiser(**kwargs)  # type: ignore[arg-type]
     if arch == "transformer":
         return TransformerDenoiser(**kwargs)  # type: ignore[arg-type]

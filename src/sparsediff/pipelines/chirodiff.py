@@ -8,7 +8,6 @@ pen channel is thresholded when decoding to strokes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsediff.config import RunConfig, read_run_config
-from sparsediff.data.raster import rasterize, save_png_grid, save_svg
+from sparsediff.config import RunConfig
+from sparsediff.data.raster import rasterize, save_svg
 from sparsediff.data.sketch_ops import sequences_to_sketches
 from sparsediff.data.stroke_dataset import (
     StrokeSequenceDataset,
@@ -25,178 +24,158 @@ from sparsediff.data.stroke_dataset import (
     load_stroke_dataset,
 )
 from sparsediff.diffusion.losses import epsilon_mse
+from sparsediff.diffusion.samplers import SamplingSettings
 from sparsediff.diffusion.samplers import sample as run_sampler
-from sparsediff.diffusion.schedules import make_scheduler
+from sparsediff.imaging import save_image_grid
+from sparsediff.io import read_json, write_json
 from sparsediff.models.chirodiff import build_chirodiff_denoiser, masked_mse
-from sparsediff.pipelines.common import export_weights, load_weights, prepare_run_dir, write_done
-from sparsediff.training.distributed import barrier, setup
-from sparsediff.training.loop import Task, Trainer
+from sparsediff.pipelines.base import Pipeline
+from sparsediff.training.distributed import Dist
+from sparsediff.training.loop import Task
 
-LENGTHS_FILE = "lengths.json"
-
-
-def stroke_dataset(cfg: RunConfig, split: str = "train") -> StrokeSequenceDataset:
-    """The configured stroke dataset (KanjiVG from the installed package by default)."""
-    d = cfg.data
-    return load_stroke_dataset(
-        d.name,
-        d.path or None,
-        split,
-        representation=d.representation,
-        category=d.category or None,
-        limit=d.max_train or None,
-        seed=d.split_seed,
-        rdp_epsilon=d.rdp_epsilon or None,
-        max_len=d.max_len,
-        step=d.resample_step or None,
-        extent=d.extent,
-    )
+LENGTHS_FILE = "lengths.json"  # the training set's sequence lengths, drawn from when sampling
+Sketch = list[np.ndarray]
 
 
-def build_denoiser(cfg: RunConfig) -> nn.Module:
-    """The configured sequence denoiser (bi-GRU by default)."""
-    m = cfg.model
-    kwargs: dict[str, Any] = {
-        "representation": cfg.data.representation,
-        "time_dim": m.time_dim,
-        "num_timesteps": cfg.diffusion.timesteps,
-    }
-    if m.arch == "birnn":
-        kwargs.update(hidden=m.hidden, layers=m.layers)
-    else:
-        kwargs.update(width=m.hidden, layers=m.layers, heads=m.heads)
-    return build_chirodiff_denoiser(m.arch, **kwargs)
+class ChiroDiff(Pipeline):
+    """ChiroDiff (Das et al., ICLR 2023): a bi-GRU denoiser over pen-stroke sequences.
 
+    ``chirodiff-kanjivg`` / ``chirodiff-quickdraw`` / ``chirodiff-vmnist`` reproduce the study's
+    setting (velocity representation, linear β scaled by 1000/T, 416,859-parameter bi-GRU).
+    """
 
-def scheduler(cfg: RunConfig) -> Any:
-    """ChiroDiff's schedule: linear beta scaled by 1000/T."""
-    d = cfg.diffusion
-    return make_scheduler(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+    name = "chirodiff"
 
+    def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
+        super().__init__(cfg, run_dir)
+        self.data: StrokeSequenceDataset | None = None
+        self.lengths: np.ndarray | None = None
 
-def sequence_loss(
-    net: nn.Module, batch: dict[str, torch.Tensor], sched: Any, gen: torch.Generator
-) -> torch.Tensor:
-    """ChiroDiff's objective: epsilon-MSE masked to valid points, normalised by length."""
-    lengths = batch["lengths"]
-    return epsilon_mse(
-        lambda x, t: net(x, t, lengths),
-        batch["x"],
-        sched,
-        generator=gen,
-        reduce_fn=lambda pred, target: masked_mse(pred, target, lengths),
-    )
+    def stroke_dataset(self, split: str = "train") -> StrokeSequenceDataset:
+        """The configured stroke dataset (KanjiVG from the installed package by default)."""
+        d = self.cfg.data
+        return load_stroke_dataset(
+            d.name,
+            d.path or None,
+            split,
+            representation=d.representation,
+            category=d.category or None,
+            limit=d.max_train or None,
+            seed=d.split_seed,
+            rdp_epsilon=d.rdp_epsilon or None,
+            max_len=d.max_len,
+            step=d.resample_step or None,
+            extent=d.extent,
+        )
 
+    # ------------------------------------------------------------------ training
+    def prepare(self, dist: Dist, resume: bool) -> None:
+        """Load the sketches; record their lengths for sampling."""
+        self.data = self.stroke_dataset()
+        self.lengths = self.data.lengths
+        if dist.is_main:
+            write_json(self.run_dir / LENGTHS_FILE, self.lengths.tolist(), indent=None)
 
-@torch.no_grad()
-def generate(
-    cfg: RunConfig,
-    model: nn.Module,
-    lengths: np.ndarray,
-    num: int,
-    seed: int,
-    sampler: str,
-    steps: int | None,
-    eta: float,
-) -> list[list[np.ndarray]]:
-    """Sample ``num`` sketches; lengths are drawn from the training distribution."""
-    device = next(model.parameters()).device
-    lens = torch.as_tensor(np.random.default_rng(seed).choice(lengths, size=num), device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    def summary(self) -> dict[str, Any]:
+        """How many sketches were trained on."""
+        return {"train_sketches": len(self.data)}
 
-    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(x, t, lens)
+    def build_denoiser(self) -> nn.Module:
+        """The configured sequence denoiser (bi-GRU by default)."""
+        m = self.cfg.model
+        kwargs: dict[str, Any] = {
+            "representation": self.cfg.data.representation,
+            "time_dim": m.time_dim,
+            "num_timesteps": self.cfg.diffusion.timesteps,
+        }
+        if m.arch == "birnn":
+            kwargs.update(hidden=m.hidden, layers=m.layers)
+        else:
+            kwargs.update(width=m.hidden, layers=m.layers, heads=m.heads)
+        return build_chirodiff_denoiser(m.arch, **kwargs)
 
-    x = run_sampler(
-        model_fn,
-        (num, int(lens.max()), 3),
-        scheduler(cfg),
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        generator=gen,
-        device=device,
-        variance_scale=cfg.sample.variance_scale,
-    )
-    return sequences_to_sketches(x, lens, cfg.data.representation, cfg.sample.pen_threshold)
+    def task(self) -> Task:
+        """ChiroDiff's objective: ε-MSE masked to valid points, normalised by length."""
+        model, scheduler = self.build_denoiser(), self.scheduler()
 
+        def loss(net: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator) -> Any:
+            lengths = batch["lengths"]
+            return epsilon_mse(
+                lambda x, t: net(x, t, lengths),
+                batch["x"],
+                scheduler,
+                generator=gen,
+                reduce_fn=lambda pred, target: masked_mse(pred, target, lengths),
+            )
 
-def render(cfg: RunConfig, sketches: list[list[np.ndarray]]) -> torch.Tensor:
-    """Rasterise sketches with the one shared rasteriser: uint8 (N, 1, S, S)."""
-    d = cfg.data
-    images = [rasterize(s, d.raster_size, d.raster_line_width) for s in sketches]
-    return torch.from_numpy(np.stack(images))[:, None]
+        return Task(model, self.data, loss, collate=collate_sequences)
 
+    # ------------------------------------------------------------------ a finished run
+    def load(self, device: torch.device) -> None:
+        """The training set's length distribution."""
+        self.lengths = np.array(read_json(self.run_dir / LENGTHS_FILE), dtype=np.int64)
 
-def write_sketches(cfg: RunConfig, sketches: list[list[np.ndarray]], out: Path) -> Path:
-    """A PNG grid at ``out`` and one SVG per sketch beside it (``<stem>-svg/``)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nrow = max(1, int(np.ceil(np.sqrt(len(sketches)))))
-    save_png_grid(sketches, out, nrow=nrow, size=cfg.data.raster_size)
-    svg_dir = out.with_name(out.stem + "-svg")
-    svg_dir.mkdir(exist_ok=True)
-    for i, sketch in enumerate(sketches):
-        save_svg(sketch, svg_dir / f"{i:04d}.svg")
-    return out
+    @torch.no_grad()
+    def generate(
+        self,
+        denoiser: nn.Module,
+        num: int,
+        seed: int,
+        settings: SamplingSettings,
+        progress: bool = False,
+    ) -> list[Sketch]:
+        """``num`` sketches; lengths are drawn from the training distribution."""
+        device = next(denoiser.parameters()).device
+        rng = np.random.default_rng(seed)
+        lens = torch.as_tensor(rng.choice(self.lengths, size=num), device=device)
+        x = run_sampler(
+            lambda x, t: denoiser(x, t, lens),
+            (num, int(lens.max()), 3),
+            self.scheduler(),
+            settings,
+            generator=torch.Generator(device=device).manual_seed(seed),
+            device=device,
+            progress=progress,
+        )
+        d, s = self.cfg.data, self.cfg.sample
+        return sequences_to_sketches(x, lens, d.representation, s.pen_threshold)
 
+    def to_images(self, samples: list[Sketch]) -> torch.Tensor:
+        """Rasterise with the one shared rasteriser: uint8 (N, 1, S, S)."""
+        d = self.cfg.data
+        images = [rasterize(s, d.raster_size, d.raster_line_width) for s in samples]
+        return torch.from_numpy(np.stack(images))[:, None]
 
-def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train a ChiroDiff run end to end; returns a summary (also written to ``done.json``)."""
-    run_dir = Path(run_dir)
-    dist = setup(cfg.train.device)
-    torch.manual_seed(cfg.seed)
-    prepare_run_dir(cfg, run_dir, dist)
-    data = stroke_dataset(cfg)
-    if dist.is_main:
-        (run_dir / LENGTHS_FILE).write_text(json.dumps(data.lengths.tolist()))
-    model = build_denoiser(cfg)
-    sched = scheduler(cfg)
+    def save_samples(self, samples: list[Sketch], path: Path) -> Path:
+        """A PNG grid (mid-grey gaps keep empty cells visible) and one SVG per sketch."""
+        save_image_grid(self.to_images(samples), path, fill=128)
+        svg_dir = path.with_name(path.stem + "-svg")
+        svg_dir.mkdir(parents=True, exist_ok=True)
+        for i, sketch in enumerate(samples):
+            save_svg(sketch, svg_dir / f"{i:04d}.svg")
+        return path
 
-    def loss(net: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
-        return sequence_loss(net, batch, sched, gen)
+    # ------------------------------------------------------------------ evaluation
+    def reference(self, split: str, size: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Real sketches of ``split``, rendered like the samples."""
+        data = self.stroke_dataset(split)
+        sketches = [data.strokes(i) for i in range(min(size, len(data)))]
+        d = self.cfg.data
+        identity = {
+            "dataset": d.name,
+            "path": d.path,
+            "category": d.category,
+            "split_seed": d.split_seed,
+            "extent": d.extent,
+            "resample_step": d.resample_step,
+            "max_len": d.max_len,
+            "raster": f"{d.raster_size}px-lw{d.raster_line_width}",
+        }
+        return self.to_images(sketches), identity
 
-    def sample_grid(net: nn.Module, path: Path) -> None:
-        s = cfg.sample
-        sketches = generate(cfg, net, data.lengths, s.num, cfg.seed, s.sampler, s.steps, s.eta)
-        write_sketches(cfg, sketches, path)
-
-    task = Task(model, data, loss, collate=collate_sequences, sample=sample_grid)
-    trainer = Trainer(task, cfg.train, run_dir, dist, seed=cfg.seed, sparse_cfg=cfg.sparse)
-    if resume:
-        trainer.maybe_resume()
-    state = trainer.train()
-    summary: dict[str, Any] = {"step": state.step, "train_sketches": len(data)}
-    if state.step >= cfg.train.steps and dist.is_main:
-        final = trainer.ema.module if trainer.ema is not None else trainer.model
-        export_weights(final, run_dir)
-        trainer.write_samples(run_dir / "samples.png")
-        if trainer.sparse is not None:
-            summary["sparse"] = json.loads(json.dumps(trainer.sparse.stats(), default=str))
-        write_done(run_dir, summary)
-    barrier(dist)
-    return summary
-
-
-def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Rebuild a finished run's denoiser (EMA weights) and its length distribution."""
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    model = load_weights(build_denoiser(cfg), run_dir).to(device).eval()
-    lengths = np.array(json.loads((run_dir / LENGTHS_FILE).read_text()), dtype=np.int64)
-    return {"cfg": cfg, "model": model, "lengths": lengths}
-
-
-def sample_to_file(
-    run_dir: str | Path,
-    out: str | Path,
-    num: int,
-    sampler: str,
-    steps: int,
-    eta: float,
-    seed: int,
-    device: str,
-) -> Path:
-    """``sparsediff sample`` for sketch runs: a PNG grid plus SVGs."""
-    run = load_trained(run_dir, device)
-    sketches = generate(run["cfg"], run["model"], run["lengths"], num, seed, sampler, steps, eta)
-    return write_sketches(run["cfg"], sketches, Path(out))
+    def flop_inputs(self, device: torch.device) -> tuple[Any, ...]:
+        """One sequence of the mean training length."""
+        length = max(1, int(round(float(np.mean(self.lengths)))))
+        x = torch.zeros(1, length, 3, device=device)
+        t = torch.zeros(1, dtype=torch.long, device=device)
+        return x, t, torch.tensor([length], device=device)

@@ -1,12 +1,13 @@
 """Sparse-to-sparse training engine: Static, RigL, MagRan and a dense baseline.
 
 ``SparseTraining`` attaches to a model and its optimizer through optimizer step hooks;
-``flops`` counts parameters and inference/training FLOPs of the masked model.
+``check_settings`` applies its rules to settings before anything is built (the run config uses
+it); ``flops`` counts parameters and inference/training FLOPs of the masked model.
 """
 
 from . import flops
 from .distributions import DISTRIBUTIONS, layer_densities
-from .engine import METHODS, SparseTraining
+from .engine import METHODS, SparseTraining, check_settings
 from .schedules import SCHEDULES, prune_fraction
 from .selection import default_maskable, select_parameters
 
@@ -15,6 +16,7 @@ __all__ = [
     "METHODS",
     "SCHEDULES",
     "SparseTraining",
+    "check_settings",
     "default_maskable",
     "flops",
     "layer_densities",

@@ -70,16 +70,37 @@ def _check_float(argument: str, value: Any, low: float, high: float, interval: s
         )
 
 
+def check_settings(
+    *,
+    method: str,
+    sparsity: float,
+    distribution: str,
+    update_interval: int,
+    prune_ratio: float,
+    prune_schedule: str,
+    stop_fraction: float,
+    erk_power_scale: float,
+    prefix: str = "",
+) -> None:
+    """Raise a ValueError naming the first sparse-training setting no run could use.
+
+    The engine's own rules, for callers that check settings before building anything (the run
+    config does, with ``prefix="sparse."`` so the message names the config key).
+    """
+    _check_choice(f"{prefix}method", method, METHODS)
+    _check_float(f"{prefix}sparsity", sparsity, 0.0, 1.0, "[)")
+    _check_choice(f"{prefix}distribution", distribution, DISTRIBUTIONS)
+    _check_float(f"{prefix}erk_power_scale", erk_power_scale, 0.0, math.inf, "[)")
+    _check_int(f"{prefix}update_interval", update_interval, 1)
+    _check_float(f"{prefix}prune_ratio", prune_ratio, 0.0, 1.0, "(]")
+    _check_choice(f"{prefix}prune_schedule", prune_schedule, SCHEDULES)
+    _check_float(f"{prefix}stop_fraction", stop_fraction, 0.0, 1.0, "[]")
+
+
 def _validate_config(config: Mapping[str, Any]) -> None:
-    _check_choice("method", config["method"], METHODS)
-    _check_float("sparsity", config["sparsity"], 0.0, 1.0, "[)")
-    _check_choice("distribution", config["distribution"], DISTRIBUTIONS)
-    _check_float("erk_power_scale", config["erk_power_scale"], 0.0, math.inf, "[)")
-    _check_int("update_interval", config["update_interval"], 1)
-    _check_float("prune_ratio", config["prune_ratio"], 0.0, 1.0, "(]")
-    _check_choice("prune_schedule", config["prune_schedule"], SCHEDULES)
+    settings = {k: v for k, v in config.items() if k not in ("total_steps", "seed")}
+    check_settings(**settings)
     _check_int("total_steps", config["total_steps"], 1)
-    _check_float("stop_fraction", config["stop_fraction"], 0.0, 1.0, "[]")
     _check_int("seed", config["seed"], 0)
 
 
@@ -452,8 +473,6 @@ class SparseTraining:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-
-    close = remove
 
     def __enter__(self) -> "SparseTraining":
         """Use as a context manager that detaches on exit."""

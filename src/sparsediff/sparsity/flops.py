@@ -205,32 +205,3 @@ def training_flops_per_step(
         dt = update_interval
         return (3.0 * sparse_flops * dt + 2.0 * sparse_flops + dense_flops) / (dt + 1)
     return 3.0 * sparse_flops
-
-
-def flops_summary(
-    model: nn.Module,
-    *example_inputs: Any,
-    sparse: SparseTraining | None = None,
-    method: str | None = None,
-    update_interval: int | None = None,
-    **kwargs: Any,
-) -> dict[str, float]:
-    """Parameters, inference FLOPs and training FLOPs per step in one dict.
-
-    ``method`` and ``update_interval`` default to those of ``sparse`` (else ``"static"``,
-    i.e. ``3 f_S``, and 100). Keys: ``params_total``, ``params_nonzero``,
-    ``inference_dense``, ``inference_sparse``, ``train_step_dense``, ``train_step``.
-    """
-    config = sparse.config if sparse is not None else {}
-    method = method or config.get("method", "static")
-    update_interval = update_interval or config.get("update_interval", 100)
-    total, nonzero = count_parameters(model)
-    report = inference_flops(model, *example_inputs, densities=sparse, **kwargs)
-    return {
-        "params_total": total,
-        "params_nonzero": nonzero,
-        "inference_dense": report.dense,
-        "inference_sparse": report.sparse,
-        "train_step_dense": training_flops_per_step(report.dense, report.dense, "dense"),
-        "train_step": training_flops_per_step(report.dense, report.sparse, method, update_interval),
-    }

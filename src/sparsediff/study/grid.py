@@ -20,7 +20,7 @@ A study crosses datasets x methods x sparsity levels x prune ratios x seeds. For
     [[datasets]]                      # one table per dataset, at least one
     name = "fashion-mnist"            # used in cell ids and run directories
     preset = "ldm-fashion-mnist"      # configs/<preset>.toml, or a path to a TOML preset
-    pipeline = "ldm"                  # optional: read from the preset, else its name's prefix
+    pipeline = "ldm"                  # optional: read from the preset
     overrides = { "train.steps" = 300 }   # this dataset only; wins over [overrides]
 
 Cells: dense gives one cell per dataset x seed (sparsity 0), static one per sparsity x seed,
@@ -41,7 +41,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("dense", "static", "rigl", "magran")
+from sparsediff.config import load_config
+from sparsediff.sparsity import METHODS
+
 DYNAMIC = ("rigl", "magran")  # the methods with a prune/regrowth ratio p
 GRID_KEYS = ("sparse.method", "sparse.sparsity", "sparse.prune_ratio", "seed")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -146,16 +148,8 @@ def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def preset_pipeline(preset: str) -> str:
-    """The ``pipeline`` key of a preset; falls back to the name's prefix (``ldm-tiny`` -> ldm)."""
-    try:
-        from sparsediff.config import preset_path
-
-        table = tomllib.loads(preset_path(preset).read_text())
-        if isinstance(table.get("pipeline"), str):
-            return table["pipeline"]
-    except (ImportError, ValueError, OSError, tomllib.TOMLDecodeError):
-        pass  # presets are optional here: tests and fakes use made-up names
-    return Path(preset).stem.split("-")[0]
+    """The pipeline a preset (name or TOML path) runs."""
+    return load_config(preset).pipeline
 
 
 def _numbers(raw: dict[str, Any], key: str, default: list, kind: type, where: str) -> list:

@@ -14,10 +14,10 @@ part after the resume), ``resumed`` (the run directory existed before this attem
 (the worker's device, null when run in-process) and ``finished_at`` (UTC, ISO 8601). Non-finite
 numbers are written as null, so every line is strict JSON.
 
-Latent Diffusion cells of one dataset share one dense, frozen first stage and latent cache under
-``shared/<dataset>/`` (``autoencoder.dir``, ``data.cache_dir``; unless the study or the preset sets
-them): the comparison is about the denoiser, and the first cell trains the autoencoder for all.
-With several devices, a dataset whose first stage does not exist yet runs one cell at a time.
+The cells of one dataset may share work under ``shared/<dataset>/``: each pipeline says what
+(``Pipeline.study_overrides``; Latent Diffusion shares one dense, frozen first stage and latent
+cache, since the comparison is about the denoiser). With several devices, a dataset whose shared
+work does not exist yet runs one cell at a time.
 
 Resuming: a cell with a results line is skipped. Otherwise it is trained with ``resume=True`` when
 its run directory already exists (a checkpoint is resumed, a done.json skips training) and then
@@ -28,7 +28,6 @@ again retries only what is missing.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import os
 import shlex
@@ -44,10 +43,18 @@ from typing import Any
 
 from tqdm import tqdm
 
+from sparsediff.config import load_config
+from sparsediff.io import write_text
+from sparsediff.pipelines import evaluate, get_pipeline, train
 from sparsediff.study.grid import Cell, Study, expand_grid, load_study
+from sparsediff.study.results import (
+    RESULTS_FILE,
+    STUDY_FILE,
+    append_result,
+    jsonable,
+    read_results,
+)
 
-RESULTS_FILE = "results.jsonl"
-STUDY_FILE = "study.json"
 DONE_FILE = "done.json"
 
 TrainFn = Callable[[str, dict, Path, bool], Any]
@@ -66,66 +73,13 @@ class StudyError(RuntimeError):
 
 
 def default_train(preset: str, overrides: dict, run_dir: Path, resume: bool) -> None:
-    """Train with ``sparsediff.pipelines.train`` (imported here so fakes need no pipelines)."""
-    from sparsediff.pipelines import train
-
-    train(preset, overrides, run_dir, resume)
+    """Train one cell with the pipelines' run skeleton."""
+    train(load_config(preset, overrides), run_dir, resume)
 
 
 def default_evaluate(run_dir: Path, num_samples: int | None, seed: int) -> dict:
-    """Evaluate with ``sparsediff.pipelines.evaluate``."""
-    from sparsediff.pipelines import evaluate
-
-    return evaluate(run_dir, num_samples, seed)
-
-
-def jsonable(x: Any) -> Any:
-    """Make ``x`` strict JSON: scalars from numpy/torch, paths as text, NaN/inf as None."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if x is None or isinstance(x, (str, int, bool)):
-        return x
-    if isinstance(x, Path):
-        return str(x)
-    if hasattr(x, "tolist"):  # numpy / torch scalars and arrays
-        return jsonable(x.tolist())
-    return str(x)
-
-
-def read_results(path: str | Path) -> list[dict]:
-    """The records of a results.jsonl; a line cut short by a crash is ignored."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a write interrupted mid-line; that cell simply runs again
-        if isinstance(record, dict) and "id" in record:
-            records.append(record)
-    return records
-
-
-def append_result(path: Path, record: dict) -> None:
-    """Append one line and make it durable before the next cell starts."""
-    line = json.dumps(jsonable(record), allow_nan=False)
-    with path.open("ab") as f:
-        if f.tell() > 0:
-            with path.open("rb") as r:  # a crash may have left a line without its newline
-                r.seek(-1, os.SEEK_END)
-                if r.read(1) != b"\n":
-                    f.write(b"\n")
-        f.write(line.encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Evaluate one cell with the pipelines' evaluation protocol."""
+    return evaluate(run_dir, num_samples, seed=seed)
 
 
 def visible_devices(device: str) -> str:
@@ -201,44 +155,26 @@ def run_cell(
     return jsonable(record)
 
 
-def _preset_sets_first_stage(preset: str) -> bool:
-    try:
-        from sparsediff.config import load_config
+def share_work(cells: list[Cell], study_dir: Path) -> tuple[list[Cell], set[str]]:
+    """Build every cell's config up front, so a typo fails now and not hours in, and add the
+    overrides each pipeline asks for to share work among one dataset's cells.
 
-        ae = load_config(preset).autoencoder
-    except (ImportError, ValueError, OSError):
-        return False  # unknown preset (fakes in tests): nothing to respect
-    return bool(ae.dir or ae.pretrained)
-
-
-def share_first_stage(cells: list[Cell], study_dir: Path) -> list[Cell]:
-    """Point the LDM cells of each dataset at one shared autoencoder and latent cache."""
-    out = []
-    for cell in cells:
-        keys = cell.overrides.keys()
-        if cell.pipeline != "ldm" or {"autoencoder.dir", "autoencoder.pretrained"} & keys:
-            out.append(cell)
-            continue
-        if _preset_sets_first_stage(cell.preset):
-            out.append(cell)
-            continue
-        shared = study_dir / "shared" / cell.dataset
-        extra = {"autoencoder.dir": str(shared / "autoencoder")}
-        if "data.cache_dir" not in keys:
-            extra["data.cache_dir"] = str(shared / "latents")
-        out.append(replace(cell, overrides={**cell.overrides, **extra}))
-    return out
-
-
-def _check_configs(cells: list[Cell]) -> None:
-    """Build every cell's run config up front, so a typo fails now and not hours in."""
-    from sparsediff.config import load_config
-
+    Returns the cells and the datasets whose cells share something under ``shared/<dataset>/``.
+    """
+    out, sharing = [], set()
     for cell in cells:
         try:
-            load_config(cell.preset, cell.overrides)
+            cfg = load_config(cell.preset, cell.overrides)
+            extra = get_pipeline(cfg.pipeline).study_overrides(
+                cfg, study_dir / "shared" / cell.dataset
+            )
         except ValueError as exc:
             raise ValueError(f"cell {cell.id}: {exc}") from exc
+        if extra:
+            sharing.add(cell.dataset)
+            cell = replace(cell, overrides={**cell.overrides, **extra})
+        out.append(cell)
+    return out, sharing
 
 
 def _command() -> str:
@@ -256,8 +192,7 @@ def write_study_json(study: Study, cells: list[Cell], study_dir: Path, devices: 
         "study": study.to_dict(),
         "cells": [{**c.to_dict(), "run_dir": f"runs/{c.id}"} for c in cells],
     }
-    path.write_text(json.dumps(jsonable(data), indent=2) + "\n")
-    return path
+    return write_text(path, json.dumps(jsonable(data), indent=2) + "\n")
 
 
 def run_study(
@@ -276,9 +211,7 @@ def run_study(
     """
     study = load_study(study_toml)
     study_dir = Path(out_dir) if out_dir is not None else study.default_out_dir()
-    cells = share_first_stage(expand_grid(study), study_dir)
-    if train_fn is None:
-        _check_configs(cells)
+    cells, sharing = share_work(expand_grid(study), study_dir)
     train_fn = train_fn or default_train
     evaluate_fn = evaluate_fn or default_evaluate
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -317,7 +250,7 @@ def run_study(
                     finish(cell, record, None)
         else:
             done_datasets = {c.dataset for c in cells if c.id in finished}
-            cold = {c.dataset for c in pending if "autoencoder.dir" in c.overrides} - done_datasets
+            cold = sharing - done_datasets
             _run_pool(pending, args, devices, cold, bar, finish)
     if failed:
         raise StudyError(failed)
@@ -334,7 +267,7 @@ def _run_pool(
 ) -> None:
     """One worker per device; at most one cell in flight per worker, so the bar shows them.
 
-    ``cold`` datasets have no shared first stage yet: one cell at a time until one finishes.
+    ``cold`` datasets have no shared work yet: one cell at a time until one finishes.
     """
     ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch/CUDA is loaded
     queue = ctx.Queue()

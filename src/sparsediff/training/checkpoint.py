@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sparsediff.io import atomic_write
+
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` via a temporary file and an atomic rename.
+    """Write ``state`` to ``path`` with :func:`sparsediff.io.atomic_write`.
 
     The previous checkpoint stays in place until the new one is complete on disk, so a crash
     mid-write never leaves a run without a loadable checkpoint.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -29,25 +29,9 @@ def as_uint8_images(images: Tensor, name: str = "images") -> Tensor:
     if lo < 0 or hi > 255:
         raise ValueError(
             f"{name}: {images.dtype} values must lie in [0, 255] (uint8 scale), got "
-            f"[{lo:g}, {hi:g}]; convert model outputs with quantize_images()"
+            f"[{lo:g}, {hi:g}]; convert model outputs with sparsediff.imaging.to_uint8()"
         )
     return images.round().to(torch.uint8) if images.is_floating_point() else images.to(torch.uint8)
-
-
-def quantize_images(images: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
-    """Map float model outputs in ``value_range`` to uint8 (clamped, rounded), like a PNG save.
-
-    NaN/inf raise a ValueError instead of being silently clamped into valid pixels.
-    """
-    if not images.is_floating_point():
-        raise ValueError(f"quantize_images expects float input, got {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise ValueError("images: contains NaN or infinite values")
-    lo, hi = value_range
-    if not hi > lo:
-        raise ValueError(f"value_range must be increasing, got {value_range}")
-    scaled = (images.to(torch.float32) - lo) * (255.0 / (hi - lo))
-    return scaled.clamp(0, 255).round().to(torch.uint8)
 
 
 def check_features(features: Tensor, name: str, min_samples: int = 2) -> Tensor:

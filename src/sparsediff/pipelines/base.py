@@ -1,0 +1,115 @@
+"""What a pipeline is: one diffusion model family behind one small interface.
+
+The run skeleton (:mod:`.run`) and the evaluation (:mod:`.evaluate`) know nothing of any model;
+everything model-specific sits behind :class:`Pipeline`. Adding a model is one subclass and one
+line in :data:`sparsediff.pipelines.registry.PIPELINES`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from sparsediff.config import EvalConfig, RunConfig, SampleConfig
+from sparsediff.diffusion.samplers import SamplingSettings
+from sparsediff.diffusion.schedules import make_scheduler
+from sparsediff.imaging import save_image_grid
+from sparsediff.training.distributed import Dist
+from sparsediff.training.loop import Task
+
+
+class Pipeline(ABC):
+    """A diffusion model family: its data, denoiser, loss, sampling and rendering.
+
+    Training: ``prepare(dist, resume)`` (data, frozen stages; writes what :meth:`load` reads back
+    into the run directory), then :meth:`task` for the shared loop. A finished run:
+    :meth:`load`, :meth:`build_denoiser` (the run skeleton loads the weights), then
+    :meth:`generate`. *Samples* are whatever the model produces (images, sketches); *images*
+    are their uint8 ``(N, C, H, W)`` renderings, which grids and FID use.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+
+    # ------------------------------------------------------------------ training
+    @abstractmethod
+    def prepare(self, dist: Dist, resume: bool) -> None:
+        """Build the training data and any frozen stage; record what sampling needs later."""
+
+    @abstractmethod
+    def task(self) -> Task:
+        """The denoiser's training task (model, data, loss) for the shared loop."""
+
+    def summary(self) -> dict[str, Any]:
+        """Facts about the prepared run for ``done.json``."""
+        return {}
+
+    # ------------------------------------------------------------------ a finished run
+    @abstractmethod
+    def load(self, device: torch.device) -> None:
+        """Read back what :meth:`prepare` recorded (frozen stages, shapes) onto ``device``."""
+
+    @abstractmethod
+    def build_denoiser(self) -> nn.Module:
+        """The plain, freshly initialised denoiser (after :meth:`prepare` or :meth:`load`)."""
+
+    @abstractmethod
+    def generate(
+        self, denoiser: nn.Module, num: int, seed: int, settings: SamplingSettings, progress: bool
+    ) -> Any:
+        """Draw ``num`` samples with a generator seeded by ``seed``."""
+
+    @abstractmethod
+    def to_images(self, samples: Any) -> torch.Tensor:
+        """Render samples as uint8 ``(N, C, H, W)`` images on the CPU."""
+
+    def save_samples(self, samples: Any, path: Path) -> Path:
+        """Write samples as a PNG grid at ``path``."""
+        return save_image_grid(self.to_images(samples), path)
+
+    # ------------------------------------------------------------------ evaluation
+    @abstractmethod
+    def reference(self, split: str, size: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Up to ``size`` real items of ``split`` as uint8 images, and what identifies them."""
+
+    @abstractmethod
+    def flop_inputs(self, device: torch.device) -> tuple[Any, ...]:
+        """Denoiser inputs of one network evaluation for one sample (for FLOP counting)."""
+
+    def decode_flops(self, device: torch.device) -> float:
+        """FLOPs per sample outside the denoiser (e.g. a first-stage decoder)."""
+        return 0.0
+
+    # ------------------------------------------------------------------ studies
+    @classmethod
+    def study_overrides(cls, cfg: RunConfig, shared_dir: Path) -> dict[str, Any]:
+        """Overrides that let the cells of one study dataset share work under ``shared_dir``."""
+        return {}
+
+    # ------------------------------------------------------------------ shared helpers
+    def scheduler(self) -> Any:
+        """The forward process of the run's ``diffusion`` config (a diffusers scheduler)."""
+        d = self.cfg.diffusion
+        return make_scheduler(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+
+    def sampling(
+        self,
+        section: SampleConfig | EvalConfig,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+    ) -> SamplingSettings:
+        """Sampling settings from a config section, with explicit values winning."""
+        return SamplingSettings(
+            sampler=sampler or section.sampler,
+            steps=steps if steps is not None else section.steps,
+            eta=eta if eta is not None else section.eta,
+            variance_scale=self.cfg.sample.variance_scale,
+        )

@@ -1,0 +1,281 @@
+"""``sparsediff evaluate``: one documented protocol for every pipeline (see docs/evaluation.md).
+
+Samples are generated in batches by seed: the batch that starts at sample ``i`` draws from a
+generator seeded by ``(seed, i)``, so a large evaluation can be split into seed ranges
+(``--seed-range A:B`` with A a multiple of the batch size) on several machines or resumed after
+an interruption; each range is saved as a shard (atomically, so a crash never leaves a truncated
+shard that counts as done) and the metrics are computed once the shards cover all samples.
+Reference features are cached per dataset split, size, resolution, rendering and feature
+network. Costs (parameters, FLOPs per network evaluation and per sample, training FLOPs of the
+run) come from the sparse engine's accounting.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparsediff.config import RunConfig, read_run_config
+from sparsediff.diffusion.samplers import SamplingSettings
+from sparsediff.imaging import save_image_grid
+from sparsediff.io import atomic_write, read_json, write_json
+from sparsediff.metrics import (
+    PREPROCESSING_VERSION,
+    InceptionFeatures,
+    ReferenceCache,
+    compute_metrics,
+    extract_features,
+    key_digest,
+    reference_key,
+)
+from sparsediff.pipelines.base import Pipeline
+from sparsediff.pipelines.run import CONFIG_FILE, load_run, resolve_device
+from sparsediff.sparsity.flops import (
+    FlopReport,
+    count_parameters,
+    inference_flops,
+    training_flops_per_step,
+)
+
+
+def default_cache_dir() -> Path:
+    """Reference statistics cache: ``$SPARSEDIFF_CACHE`` or ``~/.cache/sparsediff``."""
+    root = os.environ.get("SPARSEDIFF_CACHE") or Path.home() / ".cache" / "sparsediff"
+    return Path(root) / "fid-reference"
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """Everything that moves a sample-based number; recorded with it."""
+
+    num_samples: int
+    sampling: SamplingSettings
+    seed: int
+    ema: bool
+    batch_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat and JSON-ready: the record's ``protocol`` and the shard folder's identity."""
+        flat = asdict(self)
+        return {**flat.pop("sampling"), **flat}
+
+    def digest(self) -> str:
+        """Short id of the generation settings (names the shard folder)."""
+        return key_digest(self.to_dict())[:12]
+
+    def record_name(self) -> str:
+        """``eval-ddim50-eta0-n1000-seed0-ema``."""
+        s = self.sampling
+        name = f"eval-{s.sampler}{s.steps}-eta{s.eta:g}-n{self.num_samples}-seed{self.seed}"
+        return name + ("-ema" if self.ema else "-raw")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in ("sparsediff", "torch", "diffusers", "numpy"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def _shards(folder: Path) -> dict[tuple[int, int], Path]:
+    found = {}
+    for path in folder.glob("samples-*-*.safetensors"):
+        _, start, stop = path.stem.split("-")
+        found[(int(start), int(stop))] = path
+    return found
+
+
+def _covered(shards: dict[tuple[int, int], Path], n: int) -> bool:
+    covered = np.zeros(n, dtype=bool)
+    for start, stop in shards:
+        covered[start:stop] = True
+    return bool(covered.all())
+
+
+def generate_shard(
+    pipeline: Pipeline,
+    denoiser: nn.Module,
+    plan: EvaluationPlan,
+    start: int,
+    stop: int,
+    folder: Path,
+    progress: bool = True,
+) -> tuple[Path, float]:
+    """Generate samples ``start..stop-1`` in batches as uint8 images; returns path and seconds."""
+    chunks = []
+    bar = tqdm(total=stop - start, desc="sampling", unit="sample", disable=not progress)
+    tick = time.perf_counter()
+    with bar:
+        for i in range(start, stop, plan.batch_size):
+            num = min(plan.batch_size, stop - i)
+            samples = pipeline.generate(denoiser, num, plan.seed * 1_000_003 + i, plan.sampling)
+            chunks.append(pipeline.to_images(samples))
+            bar.update(num)
+    seconds = time.perf_counter() - tick
+    images = {"images": torch.cat(chunks).contiguous()}
+    path = folder / f"samples-{start}-{stop}.safetensors"
+    atomic_write(path, lambda tmp: save_file(images, str(tmp)))
+    return path, seconds
+
+
+def cost_fields(
+    params_total: int,
+    params_nonzero: int,
+    inference: FlopReport,
+    decode_flops: float,
+    nfe: int,
+    train_step_flops: float,
+    samples_seen: int,
+    seconds_per_sample: float | None,
+) -> dict[str, Any]:
+    """The ``cost`` record of an evaluation: parameters and FLOPs, sparse and dense.
+
+    ``train_step_flops`` is per training sample (the engine's RigL-aware accounting); the dense
+    training cost is the usual 3x forward. ``seconds_per_sample`` is None when the samples came
+    from shards generated earlier.
+    """
+    return {
+        "params_total": params_total,
+        "params_nonzero": params_nonzero,
+        "params_dense_total": params_total,
+        "inference_flops": inference.sparse,
+        "inference_flops_dense": inference.dense,
+        "nfe": nfe,
+        "decode_flops": decode_flops,
+        "sample_flops": nfe * inference.sparse + decode_flops,
+        "sample_flops_dense": nfe * inference.dense + decode_flops,
+        "train_flops": train_step_flops * samples_seen,
+        "train_flops_dense": 3.0 * inference.dense * samples_seen,
+        "sampling_seconds_per_sample": seconds_per_sample,
+    }
+
+
+def run_cost(
+    pipeline: Pipeline, denoiser: nn.Module, plan: EvaluationPlan, seconds: float | None
+) -> dict[str, Any]:
+    """:func:`cost_fields` of a loaded run."""
+    cfg: RunConfig = pipeline.cfg
+    device = next(denoiser.parameters()).device
+    total, nonzero = count_parameters(denoiser)
+    report = inference_flops(denoiser, *pipeline.flop_inputs(device))
+    env = read_json(pipeline.run_dir / CONFIG_FILE)["environment"]
+    samples_seen = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum
+    samples_seen *= int(env.get("world_size", 1))
+    s = cfg.sparse
+    step = training_flops_per_step(report.dense, report.sparse, s.method, s.update_interval)
+    return cost_fields(
+        total,
+        nonzero,
+        report,
+        pipeline.decode_flops(device),
+        plan.sampling.steps,
+        step,
+        samples_seen,
+        seconds,
+    )
+
+
+def evaluate(
+    run_dir: str | Path,
+    num_samples: int | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    ema: bool | None = None,
+    seed: int | None = None,
+    seed_range: tuple[int, int] | None = None,
+    device: str = "auto",
+    feature_module: nn.Module | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a finished run; writes and returns ``eval-*.json`` (or a partial record).
+
+    Arguments left as None come from the run's ``eval`` config. ``feature_module`` replaces
+    the Inception network (tests use a tiny one); ``cache_dir`` the reference cache.
+    """
+    run_dir = Path(run_dir)
+    e = read_run_config(run_dir).eval
+    use_ema = ema if ema is not None else e.ema
+    pipeline, denoiser = load_run(run_dir, resolve_device(device), use_ema)
+    plan = EvaluationPlan(
+        num_samples=num_samples if num_samples is not None else e.num_samples,
+        sampling=pipeline.sampling(e, sampler, steps, eta),
+        seed=seed if seed is not None else e.seed,
+        ema=use_ema,
+        batch_size=e.batch_size,
+    )
+    if plan.num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2 for FID, got {plan.num_samples}")
+    start, stop = seed_range if seed_range else (0, plan.num_samples)
+    if not 0 <= start < stop <= plan.num_samples:
+        raise ValueError(f"seed range {start}:{stop} must lie within 0:{plan.num_samples}")
+    if start % plan.batch_size:
+        raise ValueError(f"seed range start {start} must be a multiple of {plan.batch_size}")
+    folder = run_dir / "eval" / plan.digest()
+    shards = _shards(folder)
+    seconds = None
+    if (start, stop) not in shards:
+        path, elapsed = generate_shard(pipeline, denoiser, plan, start, stop, folder, progress)
+        shards[(start, stop)] = path
+        seconds = elapsed / (stop - start)
+    if not _covered(shards, plan.num_samples):
+        return {"partial": True, "protocol": plan.to_dict(), "shards": sorted(shards)}
+
+    fake = torch.cat([load_file(str(shards[k]))["images"] for k in sorted(shards)])
+    fake = fake[: plan.num_samples]
+    features = feature_module or InceptionFeatures(e.inception_weights or None)
+    net_hash = getattr(features, "weights_sha1", type(features).__name__)
+    ref_images, ident = pipeline.reference(e.reference_split, e.reference_size)
+    key = reference_key(
+        ident.pop("dataset"),
+        e.reference_split,
+        len(ref_images),
+        int(ref_images.shape[-1]),
+        net_hash,
+        **{k: str(v) for k, v in ident.items()},
+    )
+    device = str(next(denoiser.parameters()).device)
+    cache = ReferenceCache(cache_dir or default_cache_dir())
+    real = cache.get_or_compute(
+        key, lambda: extract_features(ref_images, features, e.batch_size, device)
+    )
+    fake_features = extract_features(fake, features, e.batch_size, device)
+    metrics = compute_metrics(
+        real,
+        fake_features,
+        kid_subset_size=min(e.kid_subset_size, len(real), len(fake_features)),
+        seed=plan.seed,
+    )
+    grid = save_image_grid(fake[:16], run_dir / "eval-grid.png")
+    record = {
+        "metrics": metrics,
+        "cost": run_cost(pipeline, denoiser, plan, seconds),
+        "protocol": {
+            **plan.to_dict(),
+            "reference": {**key, "size": len(ref_images)},
+            "feature_network": {
+                "name": type(features).__name__,
+                "sha1": net_hash,
+                "preprocessing": PREPROCESSING_VERSION,
+            },
+            "device": device,
+            "versions": _versions(),
+        },
+        "samples_grid": str(grid),
+    }
+    write_json(run_dir / f"{plan.record_name()}.json", record)
+    return record

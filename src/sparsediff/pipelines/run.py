@@ -1,0 +1,153 @@
+"""The run skeleton every pipeline shares: train a run, and load a finished one.
+
+A run directory holds ``config.json`` (the resolved config and the environment), the loop's
+``metrics.jsonl`` and ``checkpoint.pt``, what the pipeline recorded for sampling, and when
+finished ``model.safetensors`` (the EMA denoiser; sparse weights are zeros and it loads into the
+plain model class), ``samples.png`` and ``done.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import sparsediff
+from sparsediff.config import RunConfig, read_run_config
+from sparsediff.io import atomic_write, write_json
+from sparsediff.pipelines.base import Pipeline
+from sparsediff.pipelines.registry import get_pipeline
+from sparsediff.training.checkpoint import load_checkpoint
+from sparsediff.training.distributed import Dist, barrier, setup
+from sparsediff.training.loop import Trainer
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+WEIGHTS_FILE = "model.safetensors"  # the final (EMA) denoiser, loadable into the plain class
+SAMPLES_FILE = "samples.png"
+DONE_FILE = "done.json"
+
+
+def _git_hash() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(dist: Dist, cfg: RunConfig) -> dict[str, Any]:
+    """Facts about the machine and numerics that move results; written with every run."""
+    cuda = dist.device.type == "cuda"
+    return {
+        "sparsediff": sparsediff.__version__,
+        "git": _git_hash(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(dist.device)
+        if cuda
+        else platform.processor() or "cpu",
+        "world_size": dist.world_size,
+        "precision": cfg.train.precision,
+        "tf32": bool(cfg.train.tf32 and cuda),
+    }
+
+
+def export_weights(model: nn.Module, path: Path) -> Path:
+    """Save a model's plain state dict (sparse weights are zeros) as safetensors."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train a run end to end; returns a summary (also written to ``done.json``)."""
+    run_dir = Path(run_dir)
+    pipeline = get_pipeline(cfg.pipeline)(cfg, run_dir)
+    dist = setup(cfg.train.device)
+    torch.manual_seed(cfg.seed)
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    if dist.is_main:
+        record = {"config": cfg.to_dict(), "environment": environment(dist, cfg)}
+        write_json(run_dir / CONFIG_FILE, record)
+    pipeline.prepare(dist, resume)
+    task = pipeline.task()
+    grid = pipeline.sampling(cfg.sample)
+    task.sample = lambda model, path: pipeline.save_samples(
+        pipeline.generate(model, cfg.sample.num, cfg.seed, grid, progress=False), path
+    )
+    trainer = Trainer(task, cfg.train, run_dir, dist, seed=cfg.seed, sparse_cfg=cfg.sparse)
+    if resume:
+        trainer.maybe_resume()
+    state = trainer.train()
+    summary: dict[str, Any] = {"step": state.step, **pipeline.summary()}
+    if state.step >= cfg.train.steps and dist.is_main:
+        export_weights(trainer.ema.module if trainer.ema else trainer.model, run_dir / WEIGHTS_FILE)
+        trainer.write_samples(run_dir / SAMPLES_FILE)
+        if trainer.sparse is not None:
+            summary["sparse"] = json.loads(json.dumps(trainer.sparse.stats(), default=str))
+        write_json(run_dir / DONE_FILE, {"finished": time.time(), **summary})
+    barrier(dist)
+    return summary
+
+
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "cpu", ema: bool = True
+) -> tuple[Pipeline, nn.Module]:
+    """A finished run's pipeline (ready to generate) and its denoiser on ``device``.
+
+    ``ema=False`` takes the live weights of the final checkpoint instead of the EMA copy.
+    """
+    run_dir = Path(run_dir)
+    device = torch.device(device)
+    cfg = read_run_config(run_dir)
+    pipeline = get_pipeline(cfg.pipeline)(cfg, run_dir)
+    pipeline.load(device)
+    denoiser = pipeline.build_denoiser()
+    if ema:
+        denoiser.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
+    else:
+        denoiser.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_FILE)["model"])
+    return pipeline, denoiser.to(device).eval()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def sample(
+    run_dir: str | Path,
+    out: str | Path,
+    num: int = 16,
+    sampler: str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+) -> Path:
+    """Write a sample grid (and SVGs for sketches) from a finished run's EMA weights.
+
+    Sampler settings left as None come from the run's ``sample`` config.
+    """
+    pipeline, denoiser = load_run(run_dir, resolve_device(device))
+    settings = pipeline.sampling(pipeline.cfg.sample, sampler, steps, eta)
+    samples = pipeline.generate(denoiser, num, seed, settings, progress=progress)
+    return pipeline.save_samples(samples, Path(out))

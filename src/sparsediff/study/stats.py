@@ -1,0 +1,251 @@
+"""Grouping a study's results into settings, their statistics over seeds, and the verdicts.
+
+A *setting* is (dataset, method, p, sparsity), aggregated over seeds as mean and sample standard
+deviation (``Stat``; the std needs >= 2 seeds). A sparse setting is *safe* when its mean FID <=
+dense mean + tolerance, where the tolerance is the larger of the known standard deviations of
+dense and the setting (known = >= 2 seeds); with neither known it is ``rel_tol`` (``REL_TOL``, 5%)
+of the dense mean, and the verdict is weak.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+METHOD_NAMES = {"dense": "Dense", "static": "Static", "rigl": "RigL", "magran": "MagRan"}
+REL_TOL = 0.05
+MISSING = "–"
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample std over seeds; std is None below two values."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[Any]) -> Stat:
+        """Summarize the numeric, finite values (others are ignored)."""
+        xs = [float(v) for v in values if _number(v)]
+        if not xs:
+            return cls(None, None, 0)
+        mean = sum(xs) / len(xs)
+        if len(xs) < 2:
+            return cls(mean, None, 1)
+        var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+        return cls(mean, math.sqrt(var), len(xs))
+
+    def format(self, digits: int = 2, scale: float = 1.0, n_full: int = 0) -> str:
+        """``12.34 ± 0.56``; ``12.34`` with one seed; ``(n=k)`` when fewer seeds than others."""
+        if self.mean is None:
+            return MISSING
+        text = f"{self.mean * scale:.{digits}f}"
+        if self.std is not None:
+            text += f" ± {self.std * scale:.{digits}f}"
+        if self.n < n_full:
+            text += f" (n={self.n})"
+        return text
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class Setting:
+    """One (dataset, method, p, sparsity) and its records, one per seed."""
+
+    dataset: str
+    method: str
+    prune_ratio: float | None
+    sparsity: float
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def row(self) -> tuple[str, float | None]:
+        """The table row this setting belongs to."""
+        return (self.method, self.prune_ratio)
+
+    @property
+    def label(self) -> str:
+        """``RigL (p=0.05) at 50%``."""
+        base = row_label(*self.row)
+        return base if self.method == "dense" else f"{base} at {pct(self.sparsity)}"
+
+    def metric(self, name: str) -> Stat:
+        """A metric over seeds."""
+        return Stat.of((r.get("metrics") or {}).get(name) for r in self.records)
+
+    def cost_ratio(self, key: str, dense_key: str) -> Stat:
+        """cost[key] / cost[dense_key] over seeds."""
+        values = []
+        for r in self.records:
+            cost = r.get("cost") or {}
+            if _number(cost.get(key)) and _number(cost.get(dense_key)) and cost[dense_key]:
+                values.append(cost[key] / cost[dense_key])
+        return Stat.of(values)
+
+    def sample_record(self) -> dict:
+        """The record of the lowest seed (seed 0 normally), whose sample grid is shown."""
+        return min(self.records, key=lambda r: r.get("seed", 0))
+
+
+def pct(sparsity: float) -> str:
+    """0.25 -> ``25%``."""
+    return f"{sparsity * 100:g}%"
+
+
+def row_label(method: str, prune_ratio: float | None) -> str:
+    """``Dense``, ``Static``, ``RigL (p=0.05)``."""
+    name = METHOD_NAMES.get(method, method)
+    return name if prune_ratio is None else f"{name} (p={prune_ratio:g})"
+
+
+def row_order(row: tuple[str, float | None]) -> tuple:
+    """Sort key of table rows: Dense, Static, RigL, MagRan (then others), each by p."""
+    method, p = row
+    rank = list(METHOD_NAMES).index(method) if method in METHOD_NAMES else len(METHOD_NAMES)
+    return (rank, method, p if p is not None else -1.0)
+
+
+def group_settings(records: list[dict]) -> dict[str, list[Setting]]:
+    """Records -> settings per dataset, in table order (row, then sparsity)."""
+    groups: dict[str, dict[tuple, Setting]] = {}
+    for r in records:
+        p = r.get("prune_ratio")
+        key = (r["method"], p, float(r.get("sparsity") or 0.0))
+        by_key = groups.setdefault(r["dataset"], {})
+        by_key.setdefault(key, Setting(r["dataset"], key[0], p, key[2])).records.append(r)
+    return {
+        ds: sorted(by_key.values(), key=lambda s: (row_order(s.row), s.sparsity))
+        for ds, by_key in groups.items()
+    }
+
+
+def split_dense(settings: list[Setting]) -> tuple[Setting | None, list[Setting]]:
+    """The dense setting (None without one) and the sparse settings."""
+    dense = [s for s in settings if s.method == "dense"]
+    return (dense[0] if dense else None), [s for s in settings if s.method != "dense"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a sparse setting matches or beats dense within the seed spread."""
+
+    setting: Setting
+    fid: Stat
+    dense: Stat
+    tolerance: float
+    rule: str
+    safe: bool
+    beats: bool
+    weak: bool
+
+    def describe(self) -> str:
+        """``RigL (p=0.05) at 50%: FID 1.00 ± 0.10 vs dense 1.20 ± 0.10, beats dense``."""
+        how = "beats dense" if self.beats else "matches dense" if self.safe else "worse than dense"
+        weak = "; weak: single seed" if self.weak else ""
+        return (
+            f"{self.setting.label}: FID {self.fid.format()} vs dense {self.dense.format()}, "
+            f"{how} (tolerance {self.tolerance:.2f}, {self.rule}{weak})"
+        )
+
+
+def judge(setting: Setting, dense: Stat, rel_tol: float = REL_TOL) -> Verdict | None:
+    """The safe-value verdict of one sparse setting against dense; None without both FIDs."""
+    fid = setting.metric("fid")
+    if fid.mean is None or dense.mean is None:
+        return None
+    known = [s for s in (dense.std, fid.std) if s is not None]
+    if known:
+        tolerance, rule = max(known), "seed spread"
+    else:
+        tolerance, rule = rel_tol * abs(dense.mean), f"{rel_tol:.0%} of dense, no spread known"
+    return Verdict(
+        setting=setting,
+        fid=fid,
+        dense=dense,
+        tolerance=tolerance,
+        rule=rule,
+        safe=fid.mean <= dense.mean + tolerance,
+        beats=fid.mean < dense.mean,
+        weak=min(fid.n, dense.n) < 2,
+    )
+
+
+def safe_values(records: list[dict], rel_tol: float = REL_TOL) -> dict[str, list[Verdict]]:
+    """Verdicts for every sparse setting, per dataset (``[v for v in ... if v.safe]`` = safe)."""
+    out = {}
+    for ds, settings in group_settings(records).items():
+        dense, sparse = split_dense(settings)
+        if dense is None:
+            continue
+        verdicts = [judge(s, dense.metric("fid"), rel_tol) for s in sparse]
+        out[ds] = [v for v in verdicts if v is not None]
+    return out
+
+
+@dataclass(frozen=True)
+class PComparison:
+    """Smallest vs largest p of one dynamic method at the highest sparsity having both."""
+
+    dataset: str
+    method: str
+    sparsity: float
+    p_low: float
+    p_high: float
+    low: Stat
+    high: Stat
+
+    @property
+    def low_better(self) -> bool:
+        """The smaller p has the lower mean FID."""
+        return self.low.mean < self.high.mean
+
+    @property
+    def conclusive(self) -> bool:
+        """The gap exceeds the known seed spread (never with single seeds)."""
+        known = [s for s in (self.low.std, self.high.std) if s is not None]
+        return bool(known) and abs(self.low.mean - self.high.mean) > max(known)
+
+    def describe(self) -> str:
+        """A sentence stating which p is better, and how firmly."""
+        head = (
+            f"{METHOD_NAMES.get(self.method, self.method)} at {pct(self.sparsity)}: "
+            f"p = {self.p_low:g} gives FID {self.low.format()}, p = {self.p_high:g} gives "
+            f"{self.high.format()}; "
+        )
+        if self.low.mean == self.high.mean:
+            return head + "a tie."
+        win, lose = (self.p_low, self.p_high) if self.low_better else (self.p_high, self.p_low)
+        firm = (
+            "beyond the seed spread"
+            if self.conclusive
+            else "not conclusive: "
+            + ("within the seed spread" if self.low.n > 1 or self.high.n > 1 else "single seed")
+        )
+        return head + f"p = {win:g} is better than p = {lose:g} ({firm})."
+
+
+def compare_prune_ratios(records: list[dict]) -> list[PComparison]:
+    """For each dataset and dynamic method, compare p values at the highest shared sparsity."""
+    out = []
+    for ds, settings in group_settings(records).items():
+        by_method: dict[str, dict[float, dict[float, Stat]]] = {}
+        for s in settings:
+            fid = s.metric("fid")
+            if s.prune_ratio is not None and fid.mean is not None:
+                by_method.setdefault(s.method, {}).setdefault(s.sparsity, {})[s.prune_ratio] = fid
+        for method, by_sparsity in by_method.items():
+            shared = [sp for sp, by_p in by_sparsity.items() if len(by_p) >= 2]
+            if not shared:
+                continue
+            sparsity = max(shared)
+            by_p = by_sparsity[sparsity]
+            lo, hi = min(by_p), max(by_p)
+            out.append(PComparison(ds, method, sparsity, lo, hi, by_p[lo], by_p[hi]))
+    return out
