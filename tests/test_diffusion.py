@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from sparsediff.diffusion.losses import epsilon_mse, q_sample
-from sparsediff.diffusion.samplers import SamplingSettings, build_sampling_scheduler, sample
+from sparsediff.diffusion.losses import add_noise, epsilon_mse
+from sparsediff.diffusion.samplers import SamplingSettings, build_sampling_scheduler, run_sampler
 from sparsediff.diffusion.schedules import DEFAULT_BETA_RANGE, SCHEDULE_KINDS, make_scheduler
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -116,12 +116,12 @@ def test_ddim_built_from_training_config_gets_compvis_settings():
 # ---------------------------------------------------------------- losses
 
 
-def test_q_sample_matches_diffusers_add_noise():
+def test_add_noise_matches_diffusers_add_noise():
     sched = make_scheduler()
     x0, noise = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
     t = torch.tensor([0, 10, 500, 999])
     torch.testing.assert_close(
-        q_sample(x0, t, noise, sched.alphas_cumprod), sched.add_noise(x0, noise, t)
+        add_noise(x0, t, noise, sched.alphas_cumprod), sched.add_noise(x0, noise, t)
     )
 
 
@@ -130,7 +130,7 @@ def test_epsilon_mse_oracle_zero_and_null_model_one():
     x0 = torch.randn(256, 2, 4, 4)
     abar = sched.alphas_cumprod
 
-    def oracle(x_t, t):  # inverts q_sample exactly: returns the true ε
+    def oracle(x_t, t):  # inverts add_noise exactly: returns the true ε
         a = abar[t].reshape(-1, 1, 1, 1)
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
@@ -208,7 +208,7 @@ def hand_ddim(x, abar, timesteps, eps_fn):
 
 def test_ddim_golden_value_and_hand_written_loop():
     sched = make_scheduler()
-    out = sample(
+    out = run_sampler(
         linear_eps,
         (2, 3, 8, 8),
         sched,
@@ -231,7 +231,7 @@ def test_ddim_passes_timestep_batches_to_model():
         calls.append(t.clone())
         return torch.zeros_like(x)
 
-    sample(model, (3, 1, 2, 2), make_scheduler(), SamplingSettings("ddim", steps=5))
+    run_sampler(model, (3, 1, 2, 2), make_scheduler(), SamplingSettings("ddim", steps=5))
     assert [c.tolist() for c in calls] == [[t] * 3 for t in (801, 601, 401, 201, 1)]
     assert calls[0].dtype == torch.long
 
@@ -239,7 +239,7 @@ def test_ddim_passes_timestep_batches_to_model():
 def test_ddpm_matches_diffusers_step_loop():
     sched = make_scheduler("linear", 50)
     shape = (2, 1, 4, 4)
-    ours = sample(
+    ours = run_sampler(
         linear_eps,
         shape,
         sched,
@@ -257,7 +257,7 @@ def test_ddpm_matches_diffusers_step_loop():
 
 def test_ddpm_strided_steps_match_diffusers():
     sched = make_scheduler()
-    ours = sample(
+    ours = run_sampler(
         linear_eps,
         (1, 2, 3, 3),
         sched,
@@ -280,7 +280,7 @@ def test_ddpm_variance_scale_zero_is_deterministic_and_scale_is_linear():
     def run(scale, seed):
         g = torch.Generator().manual_seed(seed)
         settings = SamplingSettings("ddpm", variance_scale=scale)
-        return sample(linear_eps, x_T.shape, sched, settings, generator=g, x_T=x_T)
+        return run_sampler(linear_eps, x_T.shape, sched, settings, generator=g, x_T=x_T)
 
     torch.testing.assert_close(run(0.0, 1), run(0.0, 2))
     assert not torch.allclose(run(1.0, 1), run(1.0, 2))
@@ -296,7 +296,7 @@ def test_ddim_eta_uses_generator_and_variance_scale():
     def run(eta, seed, scale=1.0):
         g = torch.Generator().manual_seed(seed)
         settings = SamplingSettings("ddim", steps=10, eta=eta, variance_scale=scale)
-        return sample(linear_eps, x_T.shape, sched, settings, generator=g, x_T=x_T)
+        return run_sampler(linear_eps, x_T.shape, sched, settings, generator=g, x_T=x_T)
 
     torch.testing.assert_close(run(0.0, 1), run(0.0, 2))
     torch.testing.assert_close(run(1.0, 1), run(1.0, 1))
@@ -309,8 +309,8 @@ def test_sample_accepts_config_mapping_and_rejects_bad_sampler():
     sched = make_scheduler()
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     settings = SamplingSettings("ddim", steps=4)
-    a = sample(linear_eps, (1, 1, 2, 2), sched, settings, generator=g1)
-    b = sample(linear_eps, (1, 1, 2, 2), dict(sched.config), settings, generator=g2)
+    a = run_sampler(linear_eps, (1, 1, 2, 2), sched, settings, generator=g1)
+    b = run_sampler(linear_eps, (1, 1, 2, 2), dict(sched.config), settings, generator=g2)
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="sampler"):
-        sample(linear_eps, (1, 1, 2, 2), sched, SamplingSettings("plms"))
+        run_sampler(linear_eps, (1, 1, 2, 2), sched, SamplingSettings("plms"))

@@ -8,7 +8,6 @@ from torch import nn
 
 from sparsediff.cli import main
 from sparsediff.diffusion.losses import epsilon_mse
-from sparsediff.diffusion.samplers import sample as run_sampler
 from sparsediff.imaging import to_uint8
 from sparsediff.pipelines import PIPELINES, Pipeline, evaluate, get_pipeline
 from sparsediff.training.loop import Task
@@ -59,9 +58,9 @@ class Squares(Pipeline):
 
     def generate(self, denoiser, num, seed, settings, progress=False):
         device = next(denoiser.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(seed)
-        x = run_sampler(denoiser, (num, 1, 8, 8), self.scheduler(), settings, gen, device)
-        return x.clamp(-1, 1)
+        return self.run_chain(denoiser, (num, 1, 8, 8), device, seed, settings, progress).clamp(
+            -1, 1
+        )
 
     def to_images(self, samples):
         return to_uint8(samples).cpu()

@@ -28,6 +28,11 @@ def _default_run_dir(name: str, overrides: dict) -> Path:
     return Path("runs") / f"{name}{suffix}"
 
 
+def _sampling(args: argparse.Namespace) -> dict:
+    """The sampler options shared by ``sample`` and ``evaluate`` (None = the run's config)."""
+    return {"sampler": args.sampler, "steps": args.steps, "eta": args.eta}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a run from a preset name or TOML path."""
     from sparsediff.pipelines import train
@@ -42,17 +47,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Sample a grid from a finished run."""
-    from sparsediff.pipelines import sample
+    from sparsediff.pipelines import write_samples
 
-    out = sample(
-        args.run_dir,
-        args.out,
-        num=args.num,
-        sampler=args.sampler,
-        steps=args.steps,
-        eta=args.eta,
-        seed=args.seed,
-        device=args.device,
+    out = write_samples(
+        args.run_dir, args.out, args.num, seed=args.seed, device=args.device, **_sampling(args)
     )
     print(out)
     return 0
@@ -68,14 +66,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seeds = (int(start), int(stop))
     record = evaluate(
         args.run_dir,
-        num_samples=args.num_samples,
-        sampler=args.sampler,
-        steps=args.steps,
-        eta=args.eta,
+        args.num_samples,
         ema=args.ema,
         seed=args.seed,
         seed_range=seeds,
         device=args.device,
+        **_sampling(args),
     )
     print(json.dumps(record.get("metrics", record), indent=2, default=str))
     return 0

@@ -18,12 +18,11 @@ from sparsediff.data.sketch_ops import REPRESENTATIONS
 from sparsediff.diffusion.samplers import SAMPLERS
 from sparsediff.diffusion.schedules import DEFAULT_BETA_RANGE, SCHEDULE_KINDS
 from sparsediff.io import read_json
+from sparsediff.models.chirodiff import ARCHS as CHIRODIFF_ARCHS
 from sparsediff.sparsity import check_settings
 
-# Choices owned by modules that import diffusers when they load (models.autoencoder), or that
-# name no tuple of their own (models.chirodiff's build_chirodiff_denoiser), are listed here.
+# models.autoencoder imports diffusers when it loads (seconds): its two kinds are named here.
 AUTOENCODER_KINDS = ("vq", "kl")  # models.autoencoder: diffusers VQModel | AutoencoderKL
-CHIRODIFF_ARCHS = ("birnn", "transformer")  # models.chirodiff.build_chirodiff_denoiser
 PRECISIONS = ("fp32", "bf16", "fp16")  # owned here: training imports config, not the reverse
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -303,18 +302,8 @@ def validate(cfg: RunConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key} = {value!r}; allowed: {', '.join(allowed)}")
-    s = cfg.sparse
-    check_settings(
-        method=s.method,
-        sparsity=s.sparsity,
-        distribution=s.distribution,
-        update_interval=s.update_interval,
-        prune_ratio=s.prune_ratio,
-        prune_schedule=s.prune_schedule,
-        stop_fraction=s.stop_fraction,
-        erk_power_scale=s.erk_power_scale,
-        prefix="sparse.",
-    )
+    rules = {k: v for k, v in vars(cfg.sparse).items() if k not in ("exclude", "include")}
+    check_settings(**rules, prefix="sparse.")
     d = cfg.diffusion
     if d.schedule != "cosine" and not 0.0 < d.beta_start <= d.beta_end < 1.0:
         raise ValueError(

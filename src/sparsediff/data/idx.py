@@ -9,14 +9,7 @@ from pathlib import Path
 import numpy as np
 
 # IDX type byte -> element dtype (big-endian on disk).
-IDX_DTYPES: dict[int, str] = {
-    0x08: "u1",
-    0x09: "i1",
-    0x0B: ">i2",
-    0x0C: ">i4",
-    0x0D: ">f4",
-    0x0E: ">f8",
-}
+IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:

@@ -15,7 +15,7 @@ import re
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,27 @@ class LoadReport:
     def skip(self, reason: str) -> None:
         """Record one skipped entry."""
         self.skipped[reason] += 1
+
+    def read(
+        self,
+        sketches: list[Sketch],
+        load: Callable[[], Sketch | str],
+        errors: tuple[type[Exception], ...] = (),
+        failure: str = "bad_shape",
+    ) -> None:
+        """Count one entry: ``load()`` gives a sketch (or the reason it has none), which is
+        kept when valid; ``errors`` raised while loading count as ``failure``."""
+        self.total += 1
+        try:
+            strokes = load()
+            reason = strokes if isinstance(strokes, str) else validate_sketch(strokes)
+        except errors:
+            reason = failure
+        if reason is None:
+            sketches.append(strokes)
+            self.kept += 1
+        else:
+            self.skip(reason)
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
@@ -180,16 +201,7 @@ def load_stroke3_npz(
         entries = entries[:limit]
     report, sketches = LoadReport(), []
     for seq in entries:
-        report.total += 1
-        reason = _check_stroke3(seq)
-        if reason is None:
-            strokes = stroke3_to_strokes(seq)
-            reason = validate_sketch(strokes)
-        if reason is not None:
-            report.skip(reason)
-            continue
-        sketches.append(strokes)
-        report.kept += 1
+        report.read(sketches, lambda seq=seq: _check_stroke3(seq) or stroke3_to_strokes(seq))
     return sketches, report
 
 
@@ -232,17 +244,8 @@ def load_ndjson(
                 continue
             if category is not None and obj.get("word") != category:
                 continue
-            report.total += 1
-            try:
-                strokes = _ndjson_drawing(obj["drawing"])
-                reason = validate_sketch(strokes)
-            except (KeyError, TypeError, ValueError):
-                reason = "bad_shape"
-            if reason is not None:
-                report.skip(reason)
-                continue
-            sketches.append(strokes)
-            report.kept += 1
+            errors = (KeyError, TypeError, ValueError)
+            report.read(sketches, lambda obj=obj: _ndjson_drawing(obj["drawing"]), errors)
     return sketches, report
 
 
@@ -379,16 +382,7 @@ def load_kanjivg(
 ) -> tuple[list[Sketch], LoadReport]:
     """Parse KanjiVG SVG files into sketches, skipping (and counting) unreadable ones."""
     report, sketches = LoadReport(), []
+    errors = (ET.ParseError, ValueError, OSError)
     for f in files:
-        report.total += 1
-        try:
-            strokes = load_svg_strokes(f, curve_step)
-            reason = validate_sketch(strokes)
-        except (ET.ParseError, ValueError, OSError):
-            reason = "parse_error"
-        if reason is not None:
-            report.skip(reason)
-            continue
-        sketches.append(strokes)
-        report.kept += 1
+        report.read(sketches, lambda f=f: load_svg_strokes(f, curve_step), errors, "parse_error")
     return sketches, report

@@ -15,7 +15,7 @@ def _expand(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return coef.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def q_sample(
+def add_noise(
     x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor
 ) -> torch.Tensor:
     """Forward-diffuse ``x0`` to step ``t``: ``√ᾱ_t·x0 + √(1−ᾱ_t)·noise`` (per-sample ``t``)."""
@@ -49,7 +49,7 @@ def epsilon_mse(
     t = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator, device=gen_device)
     t = t.to(x0.device)
     noise = _randn_like(x0, generator)
-    x_t = q_sample(x0, t, noise, scheduler.alphas_cumprod)
+    x_t = add_noise(x0, t, noise, scheduler.alphas_cumprod)
     pred = model_fn(x_t, t)
     if reduce_fn is not None:
         return reduce_fn(pred, noise)

@@ -123,7 +123,7 @@ def ddpm_step(
 
 
 @torch.no_grad()
-def sample(
+def run_sampler(
     model_fn: ModelFn,
     shape: tuple[int, ...],
     scheduler_config: Any,

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-REPRESENTATIONS = ("velocity", "absolute")
+from sparsediff.data.sketch_ops import REPRESENTATIONS
+
 N_FEATURES = 5  # 2 position + 2 velocity + pen
 
 
@@ -214,14 +215,14 @@ def _activation(name: str | None) -> nn.Module:
     return table[name]()
 
 
+ARCHS: dict[str, type[nn.Module]] = {"birnn": BiGRUDenoiser, "transformer": TransformerDenoiser}
+
+
 def build_chirodiff_denoiser(arch: str = "birnn", **kwargs: object) -> nn.Module:
-    """Factory: ``arch`` "birnn" -> :class:`BiGRUDenoiser`, "transformer" ->
-    :class:`TransformerDenoiser`; ``kwargs`` go to the constructor."""
-    if arch == "birnn":
-        return BiGRUDenoiser(**kwargs)  # type: ignore[arg-type]
-    if arch == "transformer":
-        return TransformerDenoiser(**kwargs)  # type: ignore[arg-type]
-    raise ValueError(f"unknown ChiroDiff architecture {arch!r} (birnn | transformer)")
+    """The denoiser class ``ARCHS[arch]`` built with ``kwargs``."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown ChiroDiff architecture {arch!r} ({' | '.join(ARCHS)})")
+    return ARCHS[arch](**kwargs)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

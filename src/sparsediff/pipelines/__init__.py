@@ -2,13 +2,22 @@
 
 * :mod:`.base` — the :class:`Pipeline` interface; :mod:`.ldm` (Latent Diffusion) and
   :mod:`.chirodiff` (ChiroDiff) implement it; :mod:`.registry` maps config names to classes.
-* :mod:`.run` — the run skeleton shared by every pipeline (``train``, ``load_run``, ``sample``).
+* :mod:`.run` — the run skeleton every pipeline shares (``train``, ``load_run``,
+  ``write_samples``).
 * :mod:`.evaluation` — the evaluation protocol over any pipeline (``evaluate``).
 """
 
 from sparsediff.pipelines.base import Pipeline
 from sparsediff.pipelines.evaluation import evaluate
 from sparsediff.pipelines.registry import PIPELINES, get_pipeline
-from sparsediff.pipelines.run import load_run, sample, train
+from sparsediff.pipelines.run import load_run, train, write_samples
 
-__all__ = ["PIPELINES", "Pipeline", "evaluate", "get_pipeline", "load_run", "sample", "train"]
+__all__ = [
+    "PIPELINES",
+    "Pipeline",
+    "evaluate",
+    "get_pipeline",
+    "load_run",
+    "train",
+    "write_samples",
+]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparsediff.config import EvalConfig, RunConfig, SampleConfig
-from sparsediff.diffusion.samplers import SamplingSettings
+from sparsediff.diffusion.samplers import ModelFn, SamplingSettings, run_sampler
 from sparsediff.diffusion.schedules import make_scheduler
 from sparsediff.imaging import save_image_grid
 from sparsediff.training.distributed import Dist
@@ -98,6 +98,21 @@ class Pipeline(ABC):
         """The forward process of the run's ``diffusion`` config (a diffusers scheduler)."""
         d = self.cfg.diffusion
         return make_scheduler(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+
+    def run_chain(
+        self,
+        model_fn: ModelFn,
+        shape: tuple[int, ...],
+        device: torch.device,
+        seed: int,
+        settings: SamplingSettings,
+        progress: bool,
+    ) -> torch.Tensor:
+        """The reverse chain of the run's schedule, from noise drawn with ``seed``."""
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return run_sampler(
+            model_fn, shape, self.scheduler(), settings, generator, device, progress=progress
+        )
 
     def sampling(
         self,

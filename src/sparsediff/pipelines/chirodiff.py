@@ -25,7 +25,6 @@ from sparsediff.data.stroke_dataset import (
 )
 from sparsediff.diffusion.losses import epsilon_mse
 from sparsediff.diffusion.samplers import SamplingSettings
-from sparsediff.diffusion.samplers import sample as run_sampler
 from sparsediff.imaging import save_image_grid
 from sparsediff.io import read_json, write_json
 from sparsediff.models.chirodiff import build_chirodiff_denoiser, masked_mse
@@ -35,6 +34,20 @@ from sparsediff.training.loop import Task
 
 LENGTHS_FILE = "lengths.json"  # the training set's sequence lengths, drawn from when sampling
 Sketch = list[np.ndarray]
+
+
+def sequence_loss(
+    net: nn.Module, batch: dict[str, torch.Tensor], scheduler: Any, gen: torch.Generator
+) -> torch.Tensor:
+    """ChiroDiff's objective: ε-MSE masked to valid points, normalised by length."""
+    lengths = batch["lengths"]
+    return epsilon_mse(
+        lambda x, t: net(x, t, lengths),
+        batch["x"],
+        scheduler,
+        generator=gen,
+        reduce_fn=lambda pred, target: masked_mse(pred, target, lengths),
+    )
 
 
 class ChiroDiff(Pipeline):
@@ -95,18 +108,11 @@ class ChiroDiff(Pipeline):
         return build_chirodiff_denoiser(m.arch, **kwargs)
 
     def task(self) -> Task:
-        """ChiroDiff's objective: ε-MSE masked to valid points, normalised by length."""
+        """The sketches and :func:`sequence_loss`."""
         model, scheduler = self.build_denoiser(), self.scheduler()
 
         def loss(net: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator) -> Any:
-            lengths = batch["lengths"]
-            return epsilon_mse(
-                lambda x, t: net(x, t, lengths),
-                batch["x"],
-                scheduler,
-                generator=gen,
-                reduce_fn=lambda pred, target: masked_mse(pred, target, lengths),
-            )
+            return sequence_loss(net, batch, scheduler, gen)
 
         return Task(model, self.data, loss, collate=collate_sequences)
 
@@ -128,14 +134,9 @@ class ChiroDiff(Pipeline):
         device = next(denoiser.parameters()).device
         rng = np.random.default_rng(seed)
         lens = torch.as_tensor(rng.choice(self.lengths, size=num), device=device)
-        x = run_sampler(
-            lambda x, t: denoiser(x, t, lens),
-            (num, int(lens.max()), 3),
-            self.scheduler(),
-            settings,
-            generator=torch.Generator(device=device).manual_seed(seed),
-            device=device,
-            progress=progress,
+        shape = (num, int(lens.max()), 3)
+        x = self.run_chain(
+            lambda x, t: denoiser(x, t, lens), shape, device, seed, settings, progress
         )
         d, s = self.cfg.data, self.cfg.sample
         return sequences_to_sketches(x, lens, d.representation, s.pen_threshold)
@@ -161,16 +162,9 @@ class ChiroDiff(Pipeline):
         data = self.stroke_dataset(split)
         sketches = [data.strokes(i) for i in range(min(size, len(data)))]
         d = self.cfg.data
-        identity = {
-            "dataset": d.name,
-            "path": d.path,
-            "category": d.category,
-            "split_seed": d.split_seed,
-            "extent": d.extent,
-            "resample_step": d.resample_step,
-            "max_len": d.max_len,
-            "raster": f"{d.raster_size}px-lw{d.raster_line_width}",
-        }
+        keys = ("path", "category", "split_seed", "extent", "resample_step", "max_len")
+        identity = {"dataset": d.name, **{k: getattr(d, k) for k in keys}}
+        identity["raster"] = f"{d.raster_size}px-lw{d.raster_line_width}"
         return self.to_images(sketches), identity
 
     def flop_inputs(self, device: torch.device) -> tuple[Any, ...]:

@@ -176,16 +176,8 @@ def run_cost(
     samples_seen *= int(env.get("world_size", 1))
     s = cfg.sparse
     step = training_flops_per_step(report.dense, report.sparse, s.method, s.update_interval)
-    return cost_fields(
-        total,
-        nonzero,
-        report,
-        pipeline.decode_flops(device),
-        plan.sampling.steps,
-        step,
-        samples_seen,
-        seconds,
-    )
+    decode, nfe = pipeline.decode_flops(device), plan.sampling.steps
+    return cost_fields(total, nonzero, report, decode, nfe, step, samples_seen, seconds)
 
 
 def evaluate(

@@ -19,7 +19,6 @@ from sparsediff.data.images import build_image_dataset, collate_skip_none
 from sparsediff.data.latents import LatentCache, LatentDataset
 from sparsediff.diffusion.losses import epsilon_mse
 from sparsediff.diffusion.samplers import SamplingSettings
-from sparsediff.diffusion.samplers import sample as run_sampler
 from sparsediff.imaging import save_image_grid, to_uint8
 from sparsediff.io import read_json, write_json
 from sparsediff.models.autoencoder import (
@@ -110,17 +109,21 @@ class LatentDiffusion(Pipeline):
         ae = build_autoencoder(
             ae_cfg.kind, ae_cfg.preset, in_channels=channels, out_channels=channels
         )
+        # the autoencoder's own budget; the machinery settings of the run's loop
+        machinery = (
+            "precision",
+            "checkpoint_every",
+            "log_every",
+            "num_workers",
+            "device",
+            "progress",
+        )
         train_cfg = TrainConfig(
             steps=ae_cfg.steps,
             batch_size=ae_cfg.batch_size,
             lr=ae_cfg.lr,
             weight_decay=0.0,
-            precision=cfg.train.precision,
-            checkpoint_every=cfg.train.checkpoint_every,
-            log_every=cfg.train.log_every,
-            num_workers=cfg.train.num_workers,
-            device=cfg.train.device,
-            progress=cfg.train.progress,
+            **{key: getattr(cfg.train, key) for key in machinery},
         )
         task = Task(
             model=_Reconstruction(ae),
@@ -228,15 +231,8 @@ class LatentDiffusion(Pipeline):
     ) -> torch.Tensor:
         """``num`` images in [-1, 1]: latents from the UNet, decoded by the first stage."""
         device = next(denoiser.parameters()).device
-        z = run_sampler(
-            _unet_fn(denoiser),
-            (num, *self.latent_shape),
-            self.scheduler(),
-            settings,
-            generator=torch.Generator(device=device).manual_seed(seed),
-            device=device,
-            progress=progress,
-        )
+        shape = (num, *self.latent_shape)
+        z = self.run_chain(_unet_fn(denoiser), shape, device, seed, settings, progress)
         return decode_latents(self.ae, z / self.scale).clamp(-1, 1)
 
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     pipeline.prepare(dist, resume)
     task = pipeline.task()
     grid = pipeline.sampling(cfg.sample)
-    task.sample = lambda model, path: pipeline.save_samples(
+    task.write_grid = lambda model, path: pipeline.save_samples(
         pipeline.generate(model, cfg.sample.num, cfg.seed, grid, progress=False), path
     )
     trainer = Trainer(task, cfg.train, run_dir, dist, seed=cfg.seed, sparse_cfg=cfg.sparse)
@@ -97,7 +97,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     summary: dict[str, Any] = {"step": state.step, **pipeline.summary()}
     if state.step >= cfg.train.steps and dist.is_main:
         export_weights(trainer.ema.module if trainer.ema else trainer.model, run_dir / WEIGHTS_FILE)
-        trainer.write_samples(run_dir / SAMPLES_FILE)
+        trainer.write_grid(run_dir / SAMPLES_FILE)
         if trainer.sparse is not None:
             summary["sparse"] = json.loads(json.dumps(trainer.sparse.stats(), default=str))
         write_json(run_dir / DONE_FILE, {"finished": time.time(), **summary})
@@ -132,7 +132,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def sample(
+def write_samples(
     run_dir: str | Path,
     out: str | Path,
     num: int = 16,

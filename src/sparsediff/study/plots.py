@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sparsediff.io import atomic_write
 from sparsediff.study.stats import Setting, pct, row_label, row_order, split_dense
 
 
@@ -16,6 +17,15 @@ def _figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure  # Agg canvas, no global backend state
 
     return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save_fid_axes(fig: Any, ax: Any, xlabel: str, title: str, path: Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def plot_fid_vs_sparsity(settings: list[Setting], path: Path, title: str) -> Path | None:
@@ -39,13 +49,7 @@ def plot_fid_vs_sparsity(settings: list[Setting], path: Path, title: str) -> Pat
     if not plotted and dense is None:
         return None
     ax.set_xticks(sorted({s.sparsity * 100 for s in sparse}))
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save_fid_axes(fig, ax, "sparsity (%)", title, path)
 
 
 def plot_fid_vs_flops(settings: list[Setting], path: Path, title: str) -> Path | None:
@@ -71,13 +75,7 @@ def plot_fid_vs_flops(settings: list[Setting], path: Path, title: str) -> Path |
         return None
     if max(xs_all) / max(min(xs_all), 1e-12) > 20:
         ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (× dense)")
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save_fid_axes(fig, ax, "training FLOPs (× dense)", title, path)
 
 
 def _load_image(path: str | None, study_dir: Path) -> Any:
@@ -129,5 +127,4 @@ def compose_samples(
             if j == 0 and row[0] != "dense":
                 ax.set_ylabel(row_label(*row), fontsize=9)
     fig.suptitle(f"{title}: samples with fixed seeds (seed-0 runs)")
-    fig.savefig(path, dpi=110)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -1,6 +1,6 @@
 """The one training loop both pipelines share.
 
-A pipeline hands the loop a :class:`Task` (a model, a dataset, a loss and optionally a sampler);
+A pipeline hands the loop a :class:`Task` (a model, a dataset, a loss and optionally a grid writer);
 the loop owns everything else: the optimizer (AdamW), the sparse engine, EMA, mixed precision,
 gradient accumulation and clipping, DDP, the resumable data order, atomic checkpoints, logging to
 ``metrics.jsonl``, the progress bar and periodic sample grids.
@@ -34,7 +34,7 @@ from sparsediff.training.distributed import Dist, all_mean
 from sparsediff.training.ema import EMA
 
 LossFn = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]
-SampleFn = Callable[[nn.Module, Path], None]
+GridFn = Callable[[nn.Module, Path], None]
 
 
 @dataclass
@@ -42,15 +42,15 @@ class Task:
     """What a pipeline gives the loop.
 
     ``loss(model, batch, generator)`` returns a scalar; ``model`` may be the DDP wrapper, and
-    ``batch`` is already on the device. ``sample(model, path)`` writes a sample grid (PNG) from
-    the given model (the EMA copy when there is one).
+    ``batch`` is already on the device. ``write_grid(model, path)`` writes a PNG grid of samples
+    from the given model (the EMA copy when there is one).
     """
 
     model: nn.Module
     dataset: Dataset
     loss: LossFn
     collate: Callable[[list], Any] | None = None
-    sample: SampleFn | None = None
+    write_grid: GridFn | None = None
     use_ema: bool = True
 
 
@@ -281,7 +281,7 @@ class Trainer:
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end:
                 self.save()
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                self.write_samples(self.run_dir / "samples" / f"step-{step:07d}.png")
+                self.write_grid(self.run_dir / "samples" / f"step-{step:07d}.png")
         bar.close()
         if self.sparse is not None and self.dist.enabled:
             self.sparse.verify_consistent()  # one all-reduce: masks must agree on every rank
@@ -341,13 +341,13 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def write_samples(self, path: Path) -> None:
+    def write_grid(self, path: Path) -> None:
         """A sample grid from the EMA model (or the live one), rank 0 only."""
-        if self.task.sample is None or not self.dist.is_main:
+        if self.task.write_grid is None or not self.dist.is_main:
             return
         model = self.ema.module if self.ema is not None else self.model
         was_training = model.training
         model.eval()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.task.sample(model, path)
+        self.task.write_grid(model, path)
         model.train(was_training)
