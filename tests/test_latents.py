@@ -120,7 +120,7 @@ def test_scale_factor_is_recorded_not_applied_and_float16_storage(tmp_path):
     assert lat.scale_factor == pytest.approx(1 / ref.double().std().item(), rel=1e-5)
     assert (lat.latents * lat.scale_factor).std().item() == pytest.approx(1.0, rel=1e-4)
     per_channel = ref.transpose(0, 1).reshape(3, -1).double().std(dim=1)
-    assert lat.channel_std == pytest.approx(per_channel.tolist(), rel=1e-5)
+    assert lat.meta["channel_std"] == pytest.approx(per_channel.tolist(), rel=1e-5)
     half = build(tmp_path / "c", ae, ds, 4, dtype=torch.float16)
     assert half.latents.dtype == torch.float16 and half[0].dtype == torch.float32
     torch.testing.assert_close(half.latents.float(), lat.latents, rtol=2e-3, atol=2e-3)

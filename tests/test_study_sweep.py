@@ -305,6 +305,6 @@ name = "toy"
 preset = "ldm-tiny"
 """,
     )
-    with pytest.raises(ValueError, match="cell toy/dense-seed0: .*stepz"):
+    with pytest.raises(ValueError, match="cell toy/dense-seed0: .*train.stepz"):
         run_study(toml, tmp_path / "out", train_fn=fake_train, evaluate_fn=fake_evaluate)
     assert not (tmp_path / "out" / "runs").exists()

@@ -32,10 +32,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 class DataConfig:
     """Where the training data comes from and how it is prepared."""
 
-    name: str = (
-        "fashion-mnist"  # ldm: fashion-mnist | celebahq | lsun-bedrooms | imagenette | folder
-    )
+    # ldm: fashion-mnist | celebahq | lsun-bedrooms | imagenette | folder;
     # chirodiff: kanjivg | stroke3 | ndjson | vmnist
+    name: str = "fashion-mnist"
     path: str = ""  # local dataset path; "" = the built-in default location
     resolution: int = 32  # ldm: image side after centre crop + resize (or padding)
     max_train: int = 0  # 0 = all
@@ -183,23 +182,24 @@ class RunConfig:
         return asdict(self)
 
 
-def _set(obj: Any, key: str, value: Any, where: str) -> None:
+def _set(obj: Any, key: str, value: Any, where: str, section: str = "") -> None:
     """Set a dotted ``key`` on nested dataclasses, checking the name and the type."""
     head, _, rest = key.partition(".")
     names = {f.name: f for f in fields(obj)}
     if head not in names:
-        raise ValueError(f"{where}: unknown config key {key!r}; known: {sorted(names)}")
+        full = section + key
+        raise ValueError(f"{where}: unknown config key {full!r}; known: {sorted(names)}")
     current = getattr(obj, head)
     if rest:
         if not dataclasses.is_dataclass(current):
-            raise ValueError(f"{where}: {head!r} is not a section")
-        _set(current, rest, value, where)
+            raise ValueError(f"{where}: {section + head!r} is not a section")
+        _set(current, rest, value, where, f"{section}{head}.")
         return
     if dataclasses.is_dataclass(current):
         if not isinstance(value, dict):
             raise ValueError(f"{where}: section {head!r} needs a table")
         for k, v in value.items():
-            _set(current, k, v, where)
+            _set(current, k, v, where, f"{section}{head}.")
         return
     setattr(obj, head, _coerce(value, current, f"{where}: {key}"))
 

@@ -28,10 +28,10 @@ def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0
     return scaled.clamp(0, 255).round().to(torch.uint8)
 
 
-def image_grid(
-    images: torch.Tensor, nrow: int | None = None, gap: int = 2, fill: int = 0
-) -> np.ndarray:
-    """(N, C, H, W) uint8 or float in [-1, 1] -> one (rows, cols[, C]) uint8 array.
+def save_image_grid(
+    images: torch.Tensor, path: str | Path, nrow: int | None = None, gap: int = 2, fill: int = 0
+) -> Path:
+    """Write (N, C, H, W) uint8 images, or floats in [-1, 1], as one PNG grid (atomically).
 
     ``nrow`` images per row (default: a square), ``gap`` pixels of value ``fill`` around each.
     """
@@ -47,12 +47,5 @@ def image_grid(
         r, col = divmod(i, nrow)
         y, x = gap + r * (h + gap), gap + col * (w + gap)
         grid[y : y + h, x : x + w] = img
-    return grid[..., 0] if c == 1 else grid
-
-
-def save_image_grid(
-    images: torch.Tensor, path: str | Path, nrow: int | None = None, gap: int = 2, fill: int = 0
-) -> Path:
-    """Write :func:`image_grid` as a PNG (atomically); returns the path."""
-    grid = Image.fromarray(image_grid(images, nrow, gap, fill))
-    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

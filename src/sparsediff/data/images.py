@@ -290,12 +290,14 @@ def build_image_dataset(
 ) -> Dataset:
     """Dataset factory for ``name`` in :data:`DATASET_NAMES`.
 
-    ``fashion-mnist`` (default path: the Debian package folder) pads to ``resolution`` and takes
-    ``max_items``; the folder datasets take :class:`ImageFolderDataset` keywords. Imagenette uses
-    its own ``train/`` and ``val/`` folders; ``max_train`` / ``max_val`` cap them (seeded).
+    ``fashion-mnist`` (default path: the Debian package folder) pads to ``resolution`` and keeps
+    the first ``max_train`` / ``max_val`` images of its own train / test files; the folder
+    datasets take :class:`ImageFolderDataset` keywords. Imagenette uses its own ``train/`` and
+    ``val/`` folders; ``max_train`` / ``max_val`` cap them (seeded).
     """
     if name == "fashion-mnist":
-        return FashionMNIST(path or FASHION_MNIST_DIR, split=split, pad_to=resolution, **kw)
+        cap = kw.get("max_train" if split == "train" else "max_val")
+        return FashionMNIST(path or FASHION_MNIST_DIR, split, pad_to=resolution, max_items=cap)
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
     if path is None:

@@ -64,19 +64,9 @@ class LatentDataset(Dataset):
         return tuple(self.latents.shape[1:])
 
     @property
-    def std(self) -> float:
-        """Global standard deviation of the latents."""
-        return float(self.meta["std"])
-
-    @property
-    def channel_std(self) -> list[float]:
-        """Per-channel standard deviations."""
-        return list(self.meta["channel_std"])
-
-    @property
     def scale_factor(self) -> float:
-        """LDM's ``scale_by_std`` factor, 1 / std."""
-        return 1.0 / self.std
+        """LDM's ``scale_by_std`` factor, 1 / std of all latents."""
+        return 1.0 / float(self.meta["std"])
 
 
 def _dataset_identity(dataset: Dataset) -> dict[str, Any]:

@@ -21,55 +21,51 @@ Autoencoder = VQModel | AutoencoderKL
 
 _ENC3 = ("DownEncoderBlock2D",) * 3
 _DEC3 = ("UpDecoderBlock2D",) * 3
+# What every preset shares: 3 latent channels, VQ codes of dimension 3, latents not rescaled.
+_COMMON = {"latent_channels": 3, "vq_embed_dim": 3, "scaling_factor": 1.0}
 
 AE_PRESETS: dict[str, dict[str, Any]] = {
     # CompVis models/first_stage_models/vq-f4 (the LDM-4 first stage): ch 128, ch_mult (1, 2, 4),
     # 2 res blocks, no attention at any resolution (only the mid-block attention that every
     # taming/LDM encoder and decoder has), embed_dim 3, n_embed 8192 → 55.32 M params.
     "vq-f4": {
+        **_COMMON,
         "in_channels": 3,
         "out_channels": 3,
         "down_block_types": _ENC3,
         "up_block_types": _DEC3,
         "block_out_channels": (128, 256, 512),
         "layers_per_block": 2,
-        "latent_channels": 3,
         "num_vq_embeddings": 8192,
-        "vq_embed_dim": 3,
         "norm_num_groups": 32,
         "sample_size": 256,
-        "scaling_factor": 1.0,
     },
     # VQ-f4 layout shrunk for 1-channel 32×32 Fashion-MNIST on CPU: 8×8×3 latents, 256 codes.
     # Narrow full-resolution levels (8, 16 channels): the 32×32 convolutions dominate CPU time.
     "fmnist-f4": {
+        **_COMMON,
         "in_channels": 1,
         "out_channels": 1,
         "down_block_types": _ENC3,
         "up_block_types": _DEC3,
         "block_out_channels": (8, 16, 32),
         "layers_per_block": 1,
-        "latent_channels": 3,
         "num_vq_embeddings": 256,
-        "vq_embed_dim": 3,
         "norm_num_groups": 8,
         "sample_size": 32,
-        "scaling_factor": 1.0,
     },
     # Test-sized f2 autoencoder (~43 k params): 16×16×3 images → 8×8×3 latents, 16 codes.
     "tiny": {
+        **_COMMON,
         "in_channels": 3,
         "out_channels": 3,
         "down_block_types": ("DownEncoderBlock2D",) * 2,
         "up_block_types": ("UpDecoderBlock2D",) * 2,
         "block_out_channels": (8, 16),
         "layers_per_block": 1,
-        "latent_channels": 3,
         "num_vq_embeddings": 16,
-        "vq_embed_dim": 3,
         "norm_num_groups": 4,
         "sample_size": 16,
-        "scaling_factor": 1.0,
     },
 }
 

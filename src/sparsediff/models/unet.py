@@ -7,62 +7,49 @@ from typing import Any
 
 from diffusers import UNet2DModel
 
-_LDM_DOWN = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
-_LDM_UP = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+# LDM-4 layout: four levels, attention at all but the first.
+_LDM = {
+    "sample_size": 64,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": 32,
+    "norm_num_groups": 32,
+}
+# Two levels on 8×8×3 latents, attention at the second and in the middle block.
+_TWO_LEVELS = {
+    "sample_size": 8,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+}
 
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # LDM-4 UNet of CompVis configs/latent-diffusion/celebahq-ldm-vq-4.yaml and
     # lsun_bedrooms-ldm-vq-4.yaml: 64×64×3 VQ-f4 latents, model_channels 224, channel_mult
     # (1, 2, 3, 4), 2 res blocks per level, attention at latent resolutions 32/16/8
     # (attention_resolutions 8,4,2) with 32 channels per head → 274.06 M parameters.
-    "ldm4": {
-        "sample_size": 64,
-        "in_channels": 3,
-        "out_channels": 3,
-        "block_out_channels": (224, 448, 672, 896),
-        "layers_per_block": 2,
-        "down_block_types": _LDM_DOWN,
-        "up_block_types": _LDM_UP,
-        "attention_head_dim": 32,
-        "norm_num_groups": 32,
-    },
+    "ldm4": {**_LDM, "block_out_channels": (224, 448, 672, 896)},
     # LDM-4 layout at ~2/7 width (22.4 M params) for quick GPU runs on 64×64×3 latents.
-    "small": {
-        "sample_size": 64,
-        "in_channels": 3,
-        "out_channels": 3,
-        "block_out_channels": (64, 128, 192, 256),
-        "layers_per_block": 2,
-        "down_block_types": _LDM_DOWN,
-        "up_block_types": _LDM_UP,
-        "attention_head_dim": 32,
-        "norm_num_groups": 32,
-    },
+    "small": {**_LDM, "block_out_channels": (64, 128, 192, 256)},
     # CPU-sized latent UNet for the built-in Fashion-MNIST job: 8×8×3 latents of the fmnist-f4
-    # autoencoder, two levels (8, 4) with attention at 4×4 and in the middle block (0.29 M
-    # params). On 2 shared cores it reached the same held-out ε-MSE in a fixed time budget as a
-    # (32, 64) variant (0.70 M, ~1.5× slower per step); pass block_out_channels=(32, 64) for
-    # longer runs.
+    # autoencoder (0.29 M params). On 2 shared cores it reached the same held-out ε-MSE in a
+    # fixed time budget as a (32, 64) variant (0.70 M, ~1.5× slower per step); pass
+    # block_out_channels=(32, 64) for longer runs.
     "fmnist": {
-        "sample_size": 8,
-        "in_channels": 3,
-        "out_channels": 3,
+        **_TWO_LEVELS,
         "block_out_channels": (32, 32),
-        "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
         "attention_head_dim": 32,
         "norm_num_groups": 8,
     },
     # Test-sized UNet (~12 k params) with the same block kinds as the presets above.
     "tiny": {
-        "sample_size": 8,
-        "in_channels": 3,
-        "out_channels": 3,
+        **_TWO_LEVELS,
         "block_out_channels": (4, 8),
-        "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
         "attention_head_dim": 4,
         "norm_num_groups": 2,
     },

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -99,10 +98,7 @@ def _shards(folder: Path) -> dict[tuple[int, int], Path]:
 
 
 def _covered(shards: dict[tuple[int, int], Path], n: int) -> bool:
-    covered = np.zeros(n, dtype=bool)
-    for start, stop in shards:
-        covered[start:stop] = True
-    return bool(covered.all())
+    return set(range(n)) <= {i for start, stop in shards for i in range(start, stop)}
 
 
 def generate_shard(

@@ -19,7 +19,7 @@ from sparsediff.data.images import build_image_dataset, collate_skip_none
 from sparsediff.data.latents import LatentCache, LatentDataset
 from sparsediff.diffusion.losses import epsilon_mse
 from sparsediff.diffusion.samplers import SamplingSettings
-from sparsediff.imaging import save_image_grid, to_uint8
+from sparsediff.imaging import to_uint8
 from sparsediff.io import read_json, write_json
 from sparsediff.models.autoencoder import (
     autoencoder_fingerprint,
@@ -75,11 +75,6 @@ class LatentDiffusion(Pipeline):
     def image_dataset(self, split: str = "train") -> torch.utils.data.Dataset:
         """The configured image dataset (Fashion-MNIST by default)."""
         d = self.cfg.data
-        if d.name == "fashion-mnist":
-            cap = d.max_train if split == "train" else d.max_val
-            return build_image_dataset(
-                d.name, d.path or None, d.resolution, split, max_items=cap or None
-            )
         return build_image_dataset(
             d.name,
             d.path or None,
@@ -238,10 +233,6 @@ class LatentDiffusion(Pipeline):
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """uint8 images."""
         return to_uint8(samples).cpu()
-
-    def save_samples(self, samples: torch.Tensor, path: Path) -> Path:
-        """One PNG grid."""
-        return save_image_grid(samples, path)
 
     # ------------------------------------------------------------------ evaluation
     def reference(self, split: str, size: int) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -36,30 +36,24 @@ DONE_FILE = "done.json"
 
 
 def _git_hash() -> str:
+    command, here = ["git", "rev-parse", "--short", "HEAD"], Path(__file__).parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(command, capture_output=True, text=True, cwd=here, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return out.stdout.strip() or "unknown"
 
 
 def environment(dist: Dist, cfg: RunConfig) -> dict[str, Any]:
     """Facts about the machine and numerics that move results; written with every run."""
     cuda = dist.device.type == "cuda"
+    device = torch.cuda.get_device_name(dist.device) if cuda else platform.processor() or "cpu"
     return {
         "sparsediff": sparsediff.__version__,
         "git": _git_hash(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(dist.device)
-        if cuda
-        else platform.processor() or "cpu",
+        "device": device,
         "world_size": dist.world_size,
         "precision": cfg.train.precision,
         "tf32": bool(cfg.train.tf32 and cuda),

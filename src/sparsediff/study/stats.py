@@ -10,6 +10,7 @@ of the dense mean, and the verdict is weak.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,11 +34,7 @@ class Stat:
         xs = [float(v) for v in values if _number(v)]
         if not xs:
             return cls(None, None, 0)
-        mean = sum(xs) / len(xs)
-        if len(xs) < 2:
-            return cls(mean, None, 1)
-        var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
-        return cls(mean, math.sqrt(var), len(xs))
+        return cls(statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs))
 
     def format(self, digits: int = 2, scale: float = 1.0, n_full: int = 0) -> str:
         """``12.34 ± 0.56``; ``12.34`` with one seed; ``(n=k)`` when fewer seeds than others."""

@@ -46,16 +46,9 @@ from tqdm import tqdm
 from sparsediff.config import load_config
 from sparsediff.io import write_text
 from sparsediff.pipelines import evaluate, get_pipeline, train
+from sparsediff.pipelines.run import DONE_FILE
 from sparsediff.study.grid import Cell, Study, expand_grid, load_study
-from sparsediff.study.results import (
-    RESULTS_FILE,
-    STUDY_FILE,
-    append_result,
-    jsonable,
-    read_results,
-)
-
-DONE_FILE = "done.json"
+from sparsediff.study.results import RESULTS_FILE, STUDY_FILE, append_result, jsonable, read_results
 
 TrainFn = Callable[[str, dict, Path, bool], Any]
 EvaluateFn = Callable[[Path, int | None, int], dict]
@@ -130,15 +123,7 @@ def run_cell(
     evaluation = evaluate_fn(run_dir, num_samples, eval_seed)
     eval_seconds = time.perf_counter() - start
     record = {
-        "id": cell.id,
-        "dataset": cell.dataset,
-        "preset": cell.preset,
-        "pipeline": cell.pipeline,
-        "method": cell.method,
-        "sparsity": cell.sparsity,
-        "prune_ratio": cell.prune_ratio,
-        "seed": cell.seed,
-        "overrides": cell.overrides,
+        **cell.to_dict(),
         "metrics": evaluation.get("metrics", {}),
         "cost": evaluation.get("cost", {}),
         "protocol": evaluation.get("protocol", {}),

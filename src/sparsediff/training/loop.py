@@ -152,18 +152,12 @@ class Trainer:
         )
         self.sparse: SparseTraining | None = None
         if sparse_cfg is not None:
+            rules = {k: v for k, v in vars(sparse_cfg).items() if k not in ("exclude", "include")}
             self.sparse = SparseTraining(
                 self.wrapped,
                 self.optimizer,
-                method=sparse_cfg.method,
-                sparsity=sparse_cfg.sparsity,
-                distribution=sparse_cfg.distribution,
-                erk_power_scale=sparse_cfg.erk_power_scale,
-                update_interval=sparse_cfg.update_interval,
-                prune_ratio=sparse_cfg.prune_ratio,
-                prune_schedule=sparse_cfg.prune_schedule,
+                **rules,
                 total_steps=cfg.steps,
-                stop_fraction=sparse_cfg.stop_fraction,
                 ema=self.ema.module if self.ema else None,
                 seed=seed,
                 exclude=tuple(sparse_cfg.exclude),
