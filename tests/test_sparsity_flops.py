@@ -50,6 +50,27 @@ def test_conv_net_flops_against_analytic_counts():
     )
 
 
+@pytest.mark.parametrize("granularity", ["channel", "2:4"])
+def test_structured_masks_count_by_layer_density(granularity):
+    # Linear(16, 32) and Linear(32, 8), uniform 50%: 16 of 32 channels / 4 of 8 channels, or
+    # 2 of every 4 weights; each layer's FLOPs scale by its density either way.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    sparse = SparseTraining(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        method="static",
+        sparsity=0.5,
+        distribution="uniform",
+        granularity=granularity,
+    )
+    report = flops.inference_flops(model, torch.randn(4, 16), densities=sparse)
+    f0, f2 = 2 * 4 * 16 * 32, 2 * 4 * 32 * 8
+    assert report.per_layer["0.weight"].density == report.per_layer["2.weight"].density == 0.5
+    assert report.sparse == pytest.approx(0.5 * (f0 + f2))
+    assert flops.inference_flops(model, torch.randn(4, 16)).sparse == pytest.approx(report.sparse)
+
+
 def _gru_expected(tokens, layers=2, hidden=6, inputs=5, directions=2):
     # per token, layer and direction: 2 * (3H * in + 3H * H)
     total = 0

@@ -14,7 +14,7 @@ from sparsediff.study.grid import (
     preset_pipeline,
 )
 
-STUDIES = Path(__file__).resolve().parents[1] / "configs" / "studies"
+STUDIES = Path(__file__).resolve().parents[1] / "src" / "sparsediff" / "configs" / "studies"
 
 
 def _study(**kw):

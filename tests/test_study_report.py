@@ -3,13 +3,28 @@
 import json
 import math
 
+import numpy as np
 from PIL import Image
 
 from sparsediff.pipelines.evaluation import cost_fields
 from sparsediff.sparsity.flops import FlopReport
-from sparsediff.study.report import cost_table, dense_cost, fid_table, metric_table, write_report
+from sparsediff.study.plots import compose_samples, fid_vs_flops_figure, fid_vs_sparsity_figure
+from sparsediff.study.report import (
+    cost_table,
+    dense_cost,
+    fid_table,
+    metric_table,
+    small_sample_warning,
+    write_report,
+)
 from sparsediff.study.results import append_result
-from sparsediff.study.stats import Stat, compare_prune_ratios, group_settings, safe_values
+from sparsediff.study.stats import (
+    Stat,
+    compare_prune_ratios,
+    group_settings,
+    safe_values,
+    sample_sizes,
+)
 
 COST_KEYS = {
     "params_total",
@@ -27,7 +42,14 @@ COST_KEYS = {
 }
 
 
-PROTOCOL = {"num_samples": 1000, "sampler": "ddim", "steps": 50, "eta": 0.0, "features": "incv3"}
+PROTOCOL = {
+    "num_samples": 1000,
+    "sampler": "ddim",
+    "steps": 50,
+    "eta": 0.0,
+    "features": "incv3",
+    "reference": {"split": "test", "size": 1000},
+}
 
 # dataset "toy", two seeds: (method, p, sparsity) -> FIDs by seed
 TOY = {
@@ -196,6 +218,8 @@ def test_write_report_from_hand_made_results(tmp_path):
     Image.new("RGB", (8, 8), (200, 10, 10)).save(img)
     for r in records:
         r["samples_grid"] = "runs/grid.png" if r["dataset"] == "toy" else str(tmp_path / "gone.png")
+        if r["dataset"] == "single":  # too few samples for FID differences to mean much
+            r["protocol"] = {**PROTOCOL, "num_samples": 64, "reference": {"size": 128}}
         append_result(tmp_path / "results.jsonl", r)
     study = {"name": "hand", "command": "sparsediff study hand.toml", "cells": records}
     study["study"] = {"datasets": [{"name": "single"}, {"name": "toy"}]}
@@ -203,6 +227,9 @@ def test_write_report_from_hand_made_results(tmp_path):
 
     text = write_report(tmp_path).read_text()
     assert text.startswith("# Study report: hand")
+    # results first, the protocol last (collapsed)
+    assert text.index("## toy") < text.index("## Safe values") < text.index("## Protocol")
+    assert "<details>" in text[text.index("## Protocol") :]
     assert "`sparsediff study hand.toml`" in text
     assert text.index("## single") < text.index("## toy")  # the study's order
     assert "| RigL (p=0.05) | **9.50 ± 0.71** | **12.30 ± 0.42** |" in text
@@ -218,3 +245,63 @@ def test_write_report_from_hand_made_results(tmp_path):
         assert (out / name).stat().st_size > 0
     assert not (out / "samples_single.png").exists()  # no image to show
     assert "KID ×10³ ↓ / sparsity" in text
+    single = text[text.index("## single") : text.index("## toy")]
+    assert single.index("**Warning: FID from n = 64 generated vs 128 reference images, 1 seed.")
+    assert single.index("**Warning") < single.index("| FID ↓")  # right under the heading
+    assert "**Warning" not in text[text.index("## toy") :]  # 1000 vs 1000
+
+
+def test_sample_sizes_prefer_the_measured_counts():
+    records = _records(TOY, "toy")
+    sizes = sample_sizes(group_settings(records)["toy"])
+    assert (sizes.generated, sizes.reference, sizes.seeds) == ((1000,), (1000,), (1, 2))
+    assert not sizes.small
+    assert sizes.describe() == "n = 1000 generated vs 1000 reference images, 1–2 seeds"
+    records[0]["metrics"].update(num_fake=500, num_real=999)  # what the evaluation really used
+    sizes = sample_sizes(group_settings(records)["toy"])
+    assert sizes.describe() == "n = 500–1000 generated vs 999–1000 reference images, 1–2 seeds"
+    assert sizes.small
+
+
+def test_small_sample_warning_names_the_sizes():
+    records = _records(SINGLE, "single")
+    assert small_sample_warning(group_settings(records)["single"]) is None
+    for r in records:
+        r["protocol"] = {"num_samples": 64}  # no reference size recorded
+    warning = small_sample_warning(group_settings(records)["single"])
+    assert warning.startswith("**Warning: FID from n = 64 generated images (reference size not")
+    assert "differences of a few FID points are within sampling noise" in warning
+    assert warning.endswith("**")
+
+
+def test_fid_plots_start_at_zero_and_state_n_and_seeds():
+    settings = group_settings(_records(TOY, "toy"))["toy"]
+    for figure in (fid_vs_sparsity_figure, fid_vs_flops_figure):
+        ax = figure(settings, "toy").axes[0]
+        assert ax.get_ylim()[0] == 0  # the autoscaled axis started near the lowest FID, 9.5
+        assert ax.get_ylim()[1] > 22  # the worst mean + std stays in view
+        assert ax.get_title().splitlines() == [
+            "toy",
+            "n = 1000 generated vs 1000 reference images, 1–2 seeds",
+        ]
+        assert any(c.has_yerr for c in ax.containers)  # error bars over seeds
+        assert figure(settings, "toy", floor=5.0).axes[0].get_ylim()[0] == 5.0
+
+
+def test_sample_figure_shows_dense_once(tmp_path):
+    colours = {"dense": (20, 20, 220), "rigl": (20, 220, 20), "other": (220, 20, 20)}
+    for name, colour in colours.items():
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"{name}.png")
+    records = _records(TOY, "toy")
+    for r in records:
+        unique = r["method"] == "rigl" and r["prune_ratio"] == 0.05 and r["sparsity"] == 0.5
+        name = r["method"] if r["method"] == "dense" else "rigl" if unique else "other"
+        r["samples_grid"] = f"{name}.png"
+    out = compose_samples(group_settings(records)["toy"], tmp_path, tmp_path / "s.png", "toy")
+    pixels = np.asarray(Image.open(out).convert("RGB")).astype(int)
+
+    def area(colour):
+        return int((np.abs(pixels - colour).max(axis=-1) < 30).sum())
+
+    # one dense panel, the same size as the one RigL (p=0.05) at 50% panel (4 dense panels before)
+    assert 0.8 < area(colours["dense"]) / area(colours["rigl"]) < 1.25

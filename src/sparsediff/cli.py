@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from sparsediff.config import CONFIG_DIR, load_config, parse_override
+from sparsediff.config import CONFIG_DIR, absolute_paths, load_config, parse_override
 from sparsediff.diffusion.samplers import SAMPLERS
 
 EPILOG = """\
@@ -37,10 +37,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train a run from a preset name or TOML path."""
     from sparsediff.pipelines import train
 
-    overrides = dict(parse_override(o) for o in args.set)
+    overrides = absolute_paths(dict(parse_override(o) for o in args.set))
+    if args.threads is not None:
+        overrides["train.threads"] = args.threads
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg.name, overrides)
-    summary = train(cfg, run_dir, resume=args.resume)
+    summary = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps({"run_dir": str(run_dir), **summary}, default=str))
     return 0
 
@@ -70,6 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ema=args.ema,
         seed=args.seed,
         seed_range=seeds,
+        batch_size=args.batch_size,
         device=args.device,
         **_sampling(args),
     )
@@ -105,8 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: half the cores, at most 8; train: train.threads)",
+    )
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
-    p = sub.add_parser("train", help="train a run", description="Train a run from a preset.")
+    p = sub.add_parser(
+        "train", help="train a run", description="Train a run from a preset.", parents=[common]
+    )
     p.add_argument("config", help=f"preset name or TOML path; presets: {presets}")
     p.add_argument(
         "--set",
@@ -118,11 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", help="run directory (default runs/<preset>[-method][-sS])")
     p.add_argument(
-        "--resume", action="store_true", help="continue from the run directory's checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its checkpoints, with its own settings",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete the run in --run-dir and start again"
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample a grid from a finished run")
+    p = sub.add_parser("sample", help="sample a grid from a finished run", parents=[common])
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: sample.*)")
@@ -133,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png", help="output PNG (sketches also write SVGs)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("evaluate", help="FID/KID/precision/recall, parameters and FLOPs")
+    p = sub.add_parser(
+        "evaluate", help="FID/KID/precision/recall, parameters and FLOPs", parents=[common]
+    )
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--num-samples", type=int, default=None, help="generated samples (eval.*)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler")
@@ -150,19 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed-range",
         default=None,
         metavar="A:B",
-        help="only generate samples A..B-1 (split a large evaluation; shards are merged "
-        "when all are present)",
+        help="only generate samples A..B-1 (split a large evaluation; the metrics come when "
+        "the ranges cover all samples)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per batch (default eval.batch_size); changes speed, never the samples",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("study", help="run a sweep: datasets x methods x sparsity x p x seeds")
+    p = sub.add_parser(
+        "study", help="run a sweep: datasets x methods x sparsity x p x seeds", parents=[common]
+    )
     p.add_argument("study", help="study TOML (see configs/studies/)")
     p.add_argument("--out", default=None, help="study directory (default from the TOML)")
     p.add_argument("--devices", default=None, help="comma list, one run per device (cuda:0,...)")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("report", help="write a study's Markdown report, plots and sample grids")
+    p = sub.add_parser(
+        "report", help="write a study's Markdown report, plots and sample grids", parents=[common]
+    )
     p.add_argument("study_dir", help="a study directory holding results.jsonl")
     p.set_defaults(func=cmd_report)
     return parser
@@ -171,10 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sparsediff`` command."""
     args = build_parser().parse_args(argv)
+    if args.command != "train":  # a run sets its own threads (train.threads)
+        import torch
+
+        from sparsediff.pipelines.run import default_threads
+
+        torch.set_num_threads(args.threads or default_threads())
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"sparsediff: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("sparsediff: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line, no traceback (unless --debug): most errors are input
+        if args.debug:
+            raise
+        text = str(err).strip()
+        if not isinstance(err, ValueError | OSError):  # ours name the file and the problem
+            text = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+            text += " (run with --debug for the traceback)"
+        print(f"sparsediff: error: {text}", file=sys.stderr)
         return 2
 
 

@@ -1,18 +1,21 @@
 """Run configuration: the one place for defaults.
 
-A run is described by a :class:`RunConfig` built from a TOML preset in ``configs/`` plus dotted
-``key=value`` overrides (``--set sparse.sparsity=0.75``). Both pipelines share the same schema; a
-field that only one pipeline reads says so in its comment. The fully resolved config is written to
-``config.json`` in every run directory, so a run can always be rebuilt from its directory alone.
+A run is described by a :class:`RunConfig` built from a TOML preset (``sparsediff/configs/``, see
+:func:`list_presets`) plus dotted ``key=value`` overrides (``--set sparse.sparsity=0.75``). Both
+pipelines share the same schema; a field that only one pipeline reads says so in its comment. The
+fully resolved config is written to ``config.json`` in every run directory, so a run can always be
+rebuilt from its directory alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sparsediff.data.sketch_ops import REPRESENTATIONS
 from sparsediff.diffusion.samplers import SAMPLERS
@@ -25,12 +28,58 @@ from sparsediff.sparsity import check_settings
 AUTOENCODER_KINDS = ("vq", "kl")  # models.autoencoder: diffusers VQModel | AutoencoderKL
 PRECISIONS = ("fp32", "bf16", "fp16")  # owned here: training imports config, not the reverse
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"must be >= {low}"
+
+
+_POSITIVE = ((lambda v: v > 0), "must be > 0")
+_FRACTION = ((lambda v: 0 <= v < 1), "must lie in [0, 1)")
+_DEVICE = (
+    (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None),
+    "must be auto, cpu, mps, cuda or cuda:N",
+)
+
+
+class _Section:
+    """A config section whose values are checked by the rules written beside its fields."""
+
+    _RULES: ClassVar[dict[str, Any]] = {}  # key -> choices tuple, or (predicate, text)
+
+    def check(self, section: str) -> None:
+        """Raise a ValueError naming ``section.key``, the value and the rule it breaks."""
+        for key, rule in self._RULES.items():
+            value = getattr(self, key)
+            if isinstance(rule[0], str):  # a tuple of choices
+                test, text = (lambda v, rule=rule: v in rule), f"allowed: {', '.join(rule)}"
+            else:
+                test, text = rule
+            if not test(value):
+                raise ValueError(f"{section}.{key} = {value!r}; {text}")
+
+
+# Presets and study files ship inside the package, so a wheel, an editable install and a
+# checkout all find them here.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+STUDY_DIR = CONFIG_DIR / "studies"
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where the training data comes from and how it is prepared."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "resolution": _at_least(1),
+        "max_train": _at_least(0),
+        "max_val": _at_least(0),
+        "representation": REPRESENTATIONS,
+        "max_len": _at_least(2),
+        "extent": _POSITIVE,
+        "resample_step": _at_least(0),
+        "rdp_epsilon": _at_least(0),
+        "raster_size": _at_least(8),
+        "raster_line_width": _POSITIVE,
+    }
 
     # ldm: fashion-mnist | celebahq | lsun-bedrooms | imagenette | folder;
     # chirodiff: kanjivg | stroke3 | ndjson | vmnist
@@ -54,8 +103,16 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """The denoising network."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "arch": tuple(CHIRODIFF_ARCHS),
+        "hidden": _at_least(1),
+        "layers": _at_least(1),
+        "time_dim": _at_least(1),
+        "heads": _at_least(1),
+    }
 
     preset: str = "fmnist"  # ldm: UNet preset (ldm4, small, fmnist, tiny)
     # chirodiff only
@@ -67,8 +124,15 @@ class ModelConfig:
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(_Section):
     """LDM stage 1: the dense, frozen first-stage autoencoder."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "kind": AUTOENCODER_KINDS,
+        "steps": _at_least(1),
+        "batch_size": _at_least(1),
+        "lr": _POSITIVE,
+    }
 
     kind: str = "vq"  # vq | kl
     preset: str = "fmnist-f4"
@@ -81,8 +145,10 @@ class AutoencoderConfig:
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(_Section):
     """Noise schedule of the forward process."""
+
+    _RULES: ClassVar[dict[str, Any]] = {"schedule": SCHEDULE_KINDS, "timesteps": _at_least(1)}
 
     schedule: str = "ldm"  # ldm (linear in sqrt beta) | linear (ChiroDiff) | cosine
     timesteps: int = 1000
@@ -104,13 +170,33 @@ class SparseConfig:
     prune_ratio: float = 0.05  # p
     prune_schedule: str = "cosine"  # constant | cosine | linear
     stop_fraction: float = 0.75
+    granularity: str = "unstructured"  # unstructured | n:m (e.g. 2:4) | channel
     exclude: list[str] = field(default_factory=list)  # glob patterns kept dense
     include: list[str] = field(default_factory=list)  # extra glob patterns made sparse
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """The shared training loop."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "steps": _at_least(1),
+        "batch_size": _at_least(1),
+        "base_lr": _POSITIVE,
+        "lr": _at_least(0),
+        "weight_decay": _at_least(0),
+        "grad_accum": _at_least(1),
+        "grad_clip": _at_least(0),
+        "precision": PRECISIONS,
+        "ema_decay": _FRACTION,
+        "checkpoint_every": _at_least(0),
+        "sample_every": _at_least(0),
+        "log_every": _at_least(1),
+        "num_workers": _at_least(0),
+        "device": _DEVICE,
+        "threads": _at_least(0),
+        "stop_at": _at_least(0),
+    }
 
     steps: int = 1000  # optimizer steps (the budget; not epochs)
     batch_size: int = 32  # per process
@@ -127,14 +213,23 @@ class TrainConfig:
     sample_every: int = 0  # 0 = only at the end
     log_every: int = 20
     num_workers: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | mps | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 = half the cores, at most 8 (see docs/guarantees.md)
     stop_at: int = 0  # stop after this step as if interrupted (split a run into jobs); 0 = off
     progress: bool = True
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(_Section):
     """Sampling for grids (training-time and ``sparsediff sample``)."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "sampler": SAMPLERS,
+        "steps": _at_least(1),
+        "eta": _at_least(0),
+        "num": _at_least(1),
+        "variance_scale": _at_least(0),
+    }
 
     sampler: str = "ddim"  # ddim | ddpm
     steps: int = 50
@@ -145,8 +240,19 @@ class SampleConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     """The evaluation protocol (see docs/evaluation.md)."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "num_samples": _at_least(2),
+        "batch_size": _at_least(1),
+        "sampler": SAMPLERS,
+        "steps": _at_least(1),
+        "eta": _at_least(0),
+        "seed": _at_least(0),
+        "reference_size": _at_least(2),
+        "kid_subset_size": _at_least(2),
+    }
 
     num_samples: int = 1000
     batch_size: int = 64
@@ -180,6 +286,39 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready nested dict."""
         return asdict(self)
+
+
+# Config values that are paths. Relative ones are relative to the run directory (see
+# Pipeline.local_path); `absolute_paths` turns what a user typed into absolute paths.
+PATH_KEYS = (
+    "data.path",
+    "data.split_file",
+    "data.cache_dir",
+    "autoencoder.dir",
+    "autoencoder.pretrained",
+    "eval.inception_weights",
+)
+
+
+def absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` with relative paths among :data:`PATH_KEYS` resolved against the cwd."""
+    out = dict(overrides)
+    for key in PATH_KEYS:
+        if isinstance(out.get(key), str) and out[key]:
+            out[key] = str(Path(out[key]).expanduser().resolve())
+    return out
+
+
+def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables -> dotted keys (``{"train": {"steps": 3}}`` -> ``{"train.steps": 3}``)."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
 
 
 def _set(obj: Any, key: str, value: Any, where: str, section: str = "") -> None:
@@ -235,16 +374,49 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def preset_path(name_or_path: str | Path) -> Path:
-    """Resolve a preset name (``ldm-fashion-mnist``) or a TOML path."""
+def _find_toml(name_or_path: str | Path, directory: Path, what: str, kind: str) -> Path:
+    """A TOML path that exists, else ``directory/<name>.toml``; the error lists the names."""
     path = Path(name_or_path)
     if path.suffix == ".toml" and path.exists():
         return path
-    candidate = CONFIG_DIR / f"{name_or_path}.toml"
+    candidate = directory / f"{name_or_path}.toml"
     if candidate.exists():
         return candidate
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
-    raise ValueError(f"unknown config {str(name_or_path)!r}: not a file; presets: {known}")
+    known = sorted(p.stem for p in directory.glob("*.toml"))
+    raise ValueError(f"unknown {what} {str(name_or_path)!r}: not a file; {kind}: {known}")
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """Resolve a preset name (``ldm-fashion-mnist``) or a TOML path."""
+    return _find_toml(name_or_path, CONFIG_DIR, "config", "presets")
+
+
+def study_path(name_or_path: str | Path) -> Path:
+    """Resolve a study name (``quick``) or a study TOML path."""
+    return _find_toml(name_or_path, STUDY_DIR, "study", "studies")
+
+
+def _summaries(directory: Path) -> dict[str, str]:
+    """``{name: first comment line}`` of the TOML files in ``directory``, sorted by name."""
+    out = {}
+    for path in sorted(directory.glob("*.toml")):
+        text = path.read_text()
+        comment = next((ln for ln in text.splitlines() if ln.startswith("#")), "")
+        about = comment.lstrip("#").strip()
+        if not about:  # no comment: say at least which pipeline it runs
+            about = f"{tomllib.loads(text).get('pipeline', '?')} pipeline"
+        out[path.stem] = about
+    return out
+
+
+def list_presets() -> dict[str, str]:
+    """Preset names with a one-line description (their first comment line), sorted by name."""
+    return _summaries(CONFIG_DIR)
+
+
+def list_studies() -> dict[str, str]:
+    """Study names (for ``sparsediff study NAME``) with a one-line description."""
+    return _summaries(STUDY_DIR)
 
 
 def load_config(
@@ -257,7 +429,10 @@ def load_config(
         table, where = preset, "config"
     elif preset is not None:
         path = preset_path(preset)
-        table, where = tomllib.loads(path.read_text()), str(path)
+        try:
+            table, where = tomllib.loads(path.read_text()), str(path)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML: {err}") from None
         cfg.name = path.stem
     else:
         table, where = {}, "config"
@@ -286,38 +461,27 @@ def _resolve_defaults(cfg: RunConfig) -> None:
 def validate(cfg: RunConfig) -> None:
     """Reject values no run could use, before anything is built.
 
-    The pipeline name is checked by the pipelines registry, sparse settings by the engine's own
-    rules (:func:`sparsediff.sparsity.check_settings`); the choice lists come from the packages
-    that own them.
+    Each section checks its own values (the rules beside its fields, with choice lists from the
+    packages that own them); sparse settings follow the engine's own rules
+    (:func:`sparsediff.sparsity.check_settings`). The pipeline name is checked by the registry.
     """
-    choices = {
-        "train.precision": (cfg.train.precision, PRECISIONS),
-        "sample.sampler": (cfg.sample.sampler, SAMPLERS),
-        "eval.sampler": (cfg.eval.sampler, SAMPLERS),
-        "autoencoder.kind": (cfg.autoencoder.kind, AUTOENCODER_KINDS),
-        "data.representation": (cfg.data.representation, REPRESENTATIONS),
-        "model.arch": (cfg.model.arch, CHIRODIFF_ARCHS),
-        "diffusion.schedule": (cfg.diffusion.schedule, SCHEDULE_KINDS),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ValueError(f"{key} = {value!r}; allowed: {', '.join(allowed)}")
+    if cfg.seed < 0:
+        raise ValueError(f"seed = {cfg.seed}; must be >= 0")
+    for section in ("data", "model", "autoencoder", "diffusion", "train", "sample", "eval"):
+        getattr(cfg, section).check(section)
     rules = {k: v for k, v in vars(cfg.sparse).items() if k not in ("exclude", "include")}
     check_settings(**rules, prefix="sparse.")
+    if cfg.sparse.method == "dense" and cfg.sparse.sparsity != 0:
+        raise ValueError(
+            f"sparse.sparsity = {cfg.sparse.sparsity} with sparse.method = 'dense': a dense run "
+            "has no sparsity; choose static, rigl or magran, or set sparse.sparsity=0"
+        )
     d = cfg.diffusion
     if d.schedule != "cosine" and not 0.0 < d.beta_start <= d.beta_end < 1.0:
         raise ValueError(
             f"diffusion.beta_start/beta_end must satisfy 0 < start <= end < 1 for the "
             f"{d.schedule!r} schedule, got {d.beta_start}, {d.beta_end}"
         )
-    for key, value in {
-        "train.steps": cfg.train.steps,
-        "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum": cfg.train.grad_accum,
-        "diffusion.timesteps": cfg.diffusion.timesteps,
-    }.items():
-        if value < 1:
-            raise ValueError(f"{key} must be >= 1, got {value}")
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:

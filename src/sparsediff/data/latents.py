@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,8 @@ class LatentCache:
             tqdm.write(
                 f"latent cache: skipped {skipped} unreadable image(s) of {len(dataset)} "
                 f"while encoding {identity.get('name', 'data')}"
-                + (f" ({detail})" if detail else "")
+                + (f" ({detail})" if detail else ""),
+                file=sys.stderr,
             )
         meta = {
             **key,

@@ -132,19 +132,46 @@ def _read_npy_member(fp: object, name: str) -> np.ndarray:
     return arr
 
 
-def load_npz_safe(path: str | Path) -> dict[str, np.ndarray]:
-    """Read every array of an ``.npz`` without running arbitrary pickled code.
+# Largest member (uncompressed) the .npz reader accepts: QuickDraw's largest sketch-rnn split is
+# a few hundred MB; anything far beyond is not sketch data.
+MAX_NPZ_MEMBER_BYTES = 2 << 30
 
-    Object arrays are unpickled with :class:`RestrictedUnpickler` (numpy classes only).
+
+def load_npz_safe(
+    path: str | Path, names: Sequence[str] | None = None, max_bytes: int = MAX_NPZ_MEMBER_BYTES
+) -> dict[str, np.ndarray]:
+    """Read the arrays ``names`` (default: all) of an ``.npz`` without running pickled code.
+
+    Only the asked members are decoded; a member larger than ``max_bytes`` uncompressed is
+    refused. Object arrays are unpickled with :class:`RestrictedUnpickler` (numpy classes only).
+    Any unreadable file raises a ValueError naming it.
     """
     out: dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(path) as zf:
-        for member in zf.namelist():
-            if not member.endswith(".npy"):
-                continue
-            with zf.open(member) as fp:
-                out[member[: -len(".npy")]] = _read_npy_member(fp, member)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {
+                m.filename[: -len(".npy")]: m for m in zf.infolist() if m.filename.endswith(".npy")
+            }
+            for name in members if names is None else [n for n in names if n in members]:
+                if members[name].file_size > max_bytes:
+                    raise ValueError(
+                        f"member {name!r} holds {members[name].file_size} bytes, more than the "
+                        f"{max_bytes} this reader accepts (MAX_NPZ_MEMBER_BYTES)"
+                    )
+                with zf.open(members[name]) as fp:
+                    out[name] = _read_npy_member(fp, name)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        if isinstance(err, UnsafePickleError):
+            raise UnsafePickleError(f"{path}: {err}") from None
+        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
     return out
+
+
+def _not_npz(path: str | Path) -> zipfile.ZipFile:
+    Path(path).stat()  # a missing file: FileNotFoundError names it
+    raise ValueError(f"{path}: not a readable .npz file (not a zip archive)")
 
 
 def _object_array(items: Sequence[np.ndarray]) -> np.ndarray:
@@ -193,9 +220,11 @@ def load_stroke3_npz(
 
     Returns sketches (cumulative positions) and a report; at most ``limit`` entries are read.
     """
-    data = load_npz_safe(path)
-    if split not in data:
-        raise KeyError(f"{path} has no split {split!r}; available: {sorted(data)}")
+    with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else _not_npz(path) as zf:
+        available = sorted(n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy"))
+    if split not in available:
+        raise ValueError(f"{path} has no split {split!r}; available: {available}")
+    data = load_npz_safe(path, [split])
     entries = data[split]
     if limit is not None:
         entries = entries[:limit]
@@ -226,14 +255,18 @@ def load_ndjson(
     counted. At most ``limit`` matching lines are read.
     """
     report, sketches = LoadReport(), []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: one bad line must not stop the whole file
         for line in f:
             if not line.strip():
                 continue
             if limit is not None and report.total >= limit:
                 break
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                report.total += 1
+                report.skip("not_utf8")
+                continue
             except json.JSONDecodeError:
                 report.total += 1
                 report.skip("json_error")

@@ -80,9 +80,22 @@ def build_sampling_scheduler(scheduler_config: Any, sampler: str) -> Any:
     raise ValueError(f"unknown sampler {sampler!r}; expected 'ddim' or 'ddpm'")
 
 
+Generators = torch.Generator | list[torch.Generator] | None
+
+
 def _randn(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+    shape: tuple[int, ...],
+    generator: Generators,
+    device: torch.device,
+    noise_shape: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
+    """Noise of ``shape``; with one generator per sample, each sample's noise is drawn alone
+    at ``noise_shape`` (default ``shape[1:]``) and cropped, so it depends on its generator only.
+    """
+    if isinstance(generator, list):
+        crop = tuple(slice(0, n) for n in shape[1:])
+        draws = [_randn(noise_shape or shape[1:], g, device)[crop] for g in generator]
+        return torch.stack(draws)
     # Drawn on the generator's device, then moved: same numbers whatever the model device.
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
@@ -128,10 +141,11 @@ def run_sampler(
     shape: tuple[int, ...],
     scheduler_config: Any,
     settings: SamplingSettings = SamplingSettings(),
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
     x_T: torch.Tensor | None = None,
+    noise_shape: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Draw samples of ``shape`` by running the reverse chain of ``model_fn``.
 
@@ -139,7 +153,10 @@ def run_sampler(
     :func:`~sparsediff.diffusion.schedules.make_scheduler`). ``settings``: DDIM (default 50
     steps, η) or DDPM (ancestral, default T steps); ``variance_scale`` multiplies the injected
     noise std (DDPM σ_t, or DDIM's η-σ_t). ``x_T`` overrides the initial noise. Deterministic
-    given ``generator``. Returns a float32 tensor on ``device``.
+    given ``generator``; with a list of generators (one per sample) every sample's noise,
+    initial and per step, comes from its own generator alone, drawn at ``noise_shape`` per
+    sample (e.g. the longest sequence) and cropped to ``shape``, so a sample does not depend on
+    the batch it is drawn in. Returns a float32 tensor on ``device``.
     """
     device = torch.device(device)
     sampler, eta, variance_scale = settings.sampler, settings.eta, settings.variance_scale
@@ -149,19 +166,23 @@ def run_sampler(
         steps = 50 if sampler == "ddim" else int(sched.config.num_train_timesteps)
     sched.set_timesteps(steps)
     timesteps = [int(t) for t in sched.timesteps]
-    x = _randn(tuple(shape), generator, device) if x_T is None else x_T.to(device).float()
+    x = (
+        _randn(tuple(shape), generator, device, noise_shape)
+        if x_T is None
+        else x_T.to(device).float()
+    )
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=f"{sampler} sampling")):
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         eps = model_fn(x, t_batch).float()
         if sampler == "ddim":
             noise = None
             if eta > 0:
-                noise = variance_scale * _randn(x.shape, generator, device)
+                noise = variance_scale * _randn(x.shape, generator, device, noise_shape)
             x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
         else:
             prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             noise = None
             if t > 0 and variance_scale != 0:
-                noise = variance_scale * _randn(x.shape, generator, device)
+                noise = variance_scale * _randn(x.shape, generator, device, noise_shape)
             x = ddpm_step(sched, eps, t, prev_t, x, noise)
     return x

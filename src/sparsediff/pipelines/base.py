@@ -22,6 +22,11 @@ from sparsediff.training.distributed import Dist
 from sparsediff.training.loop import Task
 
 
+def sample_seeds(seed: int, start: int, stop: int) -> list[int]:
+    """The seeds of samples ``start..stop-1`` of a sampling seed (evaluation and grids alike)."""
+    return [seed * 1_000_003 + i for i in range(start, stop)]
+
+
 class Pipeline(ABC):
     """A diffusion model family: its data, denoiser, loss, sampling and rendering.
 
@@ -62,9 +67,9 @@ class Pipeline(ABC):
 
     @abstractmethod
     def generate(
-        self, denoiser: nn.Module, num: int, seed: int, settings: SamplingSettings, progress: bool
+        self, denoiser: nn.Module, seeds: list[int], settings: SamplingSettings, progress: bool
     ) -> Any:
-        """Draw ``num`` samples with a generator seeded by ``seed``."""
+        """Draw one sample per seed; each depends on its seed alone (not on the batch)."""
 
     @abstractmethod
     def to_images(self, samples: Any) -> torch.Tensor:
@@ -94,6 +99,17 @@ class Pipeline(ABC):
         return {}
 
     # ------------------------------------------------------------------ shared helpers
+    def local_path(self, value: str) -> Path | None:
+        """A path from the config: "" -> None; relative paths are relative to the run dir.
+
+        The command line makes the paths a user types absolute; a study stores the places its
+        runs share relative to each run, so a study or run folder can be moved.
+        """
+        if not value:
+            return None
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.run_dir / path
+
     def scheduler(self) -> Any:
         """The forward process of the run's ``diffusion`` config (a diffusers scheduler)."""
         d = self.cfg.diffusion
@@ -104,14 +120,22 @@ class Pipeline(ABC):
         model_fn: ModelFn,
         shape: tuple[int, ...],
         device: torch.device,
-        seed: int,
+        seeds: list[int],
         settings: SamplingSettings,
         progress: bool,
+        noise_shape: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
-        """The reverse chain of the run's schedule, from noise drawn with ``seed``."""
-        generator = torch.Generator(device=device).manual_seed(seed)
+        """The reverse chain of the run's schedule; sample i's noise comes from ``seeds[i]``."""
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         return run_sampler(
-            model_fn, shape, self.scheduler(), settings, generator, device, progress=progress
+            model_fn,
+            shape,
+            self.scheduler(),
+            settings,
+            generators,
+            device,
+            progress=progress,
+            noise_shape=noise_shape,
         )
 
     def sampling(

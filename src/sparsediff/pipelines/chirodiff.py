@@ -8,12 +8,14 @@ pen channel is thresholded when decoding to strokes.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from sparsediff.config import RunConfig
 from sparsediff.data.raster import rasterize, save_svg
@@ -67,9 +69,10 @@ class ChiroDiff(Pipeline):
     def stroke_dataset(self, split: str = "train") -> StrokeSequenceDataset:
         """The configured stroke dataset (KanjiVG from the installed package by default)."""
         d = self.cfg.data
+        path = self.local_path(d.path)
         return load_stroke_dataset(
             d.name,
-            d.path or None,
+            str(path) if path else None,
             split,
             representation=d.representation,
             category=d.category or None,
@@ -86,12 +89,14 @@ class ChiroDiff(Pipeline):
         """Load the sketches; record their lengths for sampling."""
         self.data = self.stroke_dataset()
         self.lengths = self.data.lengths
+        if self.data.report.skipped and dist.is_main:  # e.g. sketches longer than data.max_len
+            tqdm.write(f"{self.cfg.data.name} training data: {self.data.report}", file=sys.stderr)
         if dist.is_main:
             write_json(self.run_dir / LENGTHS_FILE, self.lengths.tolist(), indent=None)
 
     def summary(self) -> dict[str, Any]:
         """How many sketches were trained on."""
-        return {"train_sketches": len(self.data)}
+        return {"train_sketches": len(self.data), "skipped": dict(self.data.report.skipped)}
 
     def build_denoiser(self) -> nn.Module:
         """The configured sequence denoiser (bi-GRU by default)."""
@@ -125,18 +130,18 @@ class ChiroDiff(Pipeline):
     def generate(
         self,
         denoiser: nn.Module,
-        num: int,
-        seed: int,
+        seeds: list[int],
         settings: SamplingSettings,
         progress: bool = False,
     ) -> list[Sketch]:
-        """``num`` sketches; lengths are drawn from the training distribution."""
+        """Sketches whose lengths are drawn from the training distribution, one per seed."""
         device = next(denoiser.parameters()).device
-        rng = np.random.default_rng(seed)
-        lens = torch.as_tensor(rng.choice(self.lengths, size=num), device=device)
-        shape = (num, int(lens.max()), 3)
+        lens = np.array([np.random.default_rng(s).choice(self.lengths) for s in seeds])
+        lens = torch.as_tensor(lens, device=device)
+        shape = (len(seeds), int(lens.max()), 3)
+        longest = (int(self.lengths.max()), 3)  # noise drawn at this length: batch-independent
         x = self.run_chain(
-            lambda x, t: denoiser(x, t, lens), shape, device, seed, settings, progress
+            lambda x, t: denoiser(x, t, lens), shape, device, seeds, settings, progress, longest
         )
         d, s = self.cfg.data, self.cfg.sample
         return sequences_to_sketches(x, lens, d.representation, s.pen_threshold)

@@ -1,9 +1,9 @@
 """``sparsediff evaluate``: one documented protocol for every pipeline (see docs/evaluation.md).
 
-Samples are generated in batches by seed: the batch that starts at sample ``i`` draws from a
-generator seeded by ``(seed, i)``, so a large evaluation can be split into seed ranges
-(``--seed-range A:B`` with A a multiple of the batch size) on several machines or resumed after
-an interruption; each range is saved as a shard (atomically, so a crash never leaves a truncated
+Sample ``i`` draws all its noise from its own generator, seeded by ``(seed, i)``, so the batch
+size changes nothing but speed and memory, and a large evaluation can be split into seed ranges
+(``--seed-range A:B``) on several machines or resumed after an interruption; each range is saved
+as a shard (atomically, so a crash never leaves a truncated
 shard that counts as done) and the metrics are computed once the shards cover all samples.
 Reference features are cached per dataset split, size, resolution, rendering and feature
 network. Costs (parameters, FLOPs per network evaluation and per sample, training FLOPs of the
@@ -37,7 +37,7 @@ from sparsediff.metrics import (
     key_digest,
     reference_key,
 )
-from sparsediff.pipelines.base import Pipeline
+from sparsediff.pipelines.base import Pipeline, sample_seeds
 from sparsediff.pipelines.run import CONFIG_FILE, load_run, resolve_device
 from sparsediff.sparsity.flops import (
     FlopReport,
@@ -61,7 +61,6 @@ class EvaluationPlan:
     sampling: SamplingSettings
     seed: int
     ema: bool
-    batch_size: int
 
     def to_dict(self) -> dict[str, Any]:
         """Flat and JSON-ready: the record's ``protocol`` and the shard folder's identity."""
@@ -101,6 +100,16 @@ def _covered(shards: dict[tuple[int, int], Path], n: int) -> bool:
     return set(range(n)) <= {i for start, stop in shards for i in range(start, stop)}
 
 
+def _assemble(shards: dict[tuple[int, int], Path], n: int) -> torch.Tensor:
+    """Samples 0..n-1 from shards that cover them (overlaps hold the same samples)."""
+    picked: dict[int, torch.Tensor] = {}
+    for (start, stop), path in sorted(shards.items()):
+        images = load_file(str(path))["images"]
+        for i in range(start, min(stop, n)):
+            picked.setdefault(i, images[i - start])
+    return torch.stack([picked[i] for i in range(n)])
+
+
 def generate_shard(
     pipeline: Pipeline,
     denoiser: nn.Module,
@@ -108,6 +117,7 @@ def generate_shard(
     start: int,
     stop: int,
     folder: Path,
+    batch_size: int,
     progress: bool = True,
 ) -> tuple[Path, float]:
     """Generate samples ``start..stop-1`` in batches as uint8 images; returns path and seconds."""
@@ -115,11 +125,10 @@ def generate_shard(
     bar = tqdm(total=stop - start, desc="sampling", unit="sample", disable=not progress)
     tick = time.perf_counter()
     with bar:
-        for i in range(start, stop, plan.batch_size):
-            num = min(plan.batch_size, stop - i)
-            samples = pipeline.generate(denoiser, num, plan.seed * 1_000_003 + i, plan.sampling)
-            chunks.append(pipeline.to_images(samples))
-            bar.update(num)
+        for i in range(start, stop, batch_size):
+            seeds = sample_seeds(plan.seed, i, min(i + batch_size, stop))
+            chunks.append(pipeline.to_images(pipeline.generate(denoiser, seeds, plan.sampling)))
+            bar.update(len(seeds))
     seconds = time.perf_counter() - tick
     images = {"images": torch.cat(chunks).contiguous()}
     path = folder / f"samples-{start}-{stop}.safetensors"
@@ -185,6 +194,7 @@ def evaluate(
     ema: bool | None = None,
     seed: int | None = None,
     seed_range: tuple[int, int] | None = None,
+    batch_size: int | None = None,
     device: str = "auto",
     feature_module: nn.Module | None = None,
     cache_dir: str | Path | None = None,
@@ -192,7 +202,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a finished run; writes and returns ``eval-*.json`` (or a partial record).
 
-    Arguments left as None come from the run's ``eval`` config. ``feature_module`` replaces
+    Arguments left as None come from the run's ``eval`` config; ``batch_size`` changes speed and
+    memory, never which samples are drawn. ``feature_module`` replaces
     the Inception network (tests use a tiny one); ``cache_dir`` the reference cache.
     """
     run_dir = Path(run_dir)
@@ -204,27 +215,26 @@ def evaluate(
         sampling=pipeline.sampling(e, sampler, steps, eta),
         seed=seed if seed is not None else e.seed,
         ema=use_ema,
-        batch_size=e.batch_size,
     )
+    batch_size = batch_size or e.batch_size
     if plan.num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 for FID, got {plan.num_samples}")
     start, stop = seed_range if seed_range else (0, plan.num_samples)
     if not 0 <= start < stop <= plan.num_samples:
         raise ValueError(f"seed range {start}:{stop} must lie within 0:{plan.num_samples}")
-    if start % plan.batch_size:
-        raise ValueError(f"seed range start {start} must be a multiple of {plan.batch_size}")
     folder = run_dir / "eval" / plan.digest()
     shards = _shards(folder)
     seconds = None
     if (start, stop) not in shards:
-        path, elapsed = generate_shard(pipeline, denoiser, plan, start, stop, folder, progress)
+        path, elapsed = generate_shard(
+            pipeline, denoiser, plan, start, stop, folder, batch_size, progress
+        )
         shards[(start, stop)] = path
         seconds = elapsed / (stop - start)
     if not _covered(shards, plan.num_samples):
         return {"partial": True, "protocol": plan.to_dict(), "shards": sorted(shards)}
 
-    fake = torch.cat([load_file(str(shards[k]))["images"] for k in sorted(shards)])
-    fake = fake[: plan.num_samples]
+    fake = _assemble(shards, plan.num_samples)
     features = feature_module or InceptionFeatures(e.inception_weights or None)
     net_hash = getattr(features, "weights_sha1", type(features).__name__)
     ref_images, ident = pipeline.reference(e.reference_split, e.reference_size)
@@ -239,9 +249,9 @@ def evaluate(
     device = str(next(denoiser.parameters()).device)
     cache = ReferenceCache(cache_dir or default_cache_dir())
     real = cache.get_or_compute(
-        key, lambda: extract_features(ref_images, features, e.batch_size, device)
+        key, lambda: extract_features(ref_images, features, batch_size, device)
     )
-    fake_features = extract_features(fake, features, e.batch_size, device)
+    fake_features = extract_features(fake, features, batch_size, device)
     metrics = compute_metrics(
         real,
         fake_features,

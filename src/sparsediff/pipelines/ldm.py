@@ -7,12 +7,16 @@ sparse engine attached to the UNet and its EMA copy.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
 from sparsediff.config import RunConfig, TrainConfig
 from sparsediff.data.images import build_image_dataset, collate_skip_none
@@ -33,7 +37,7 @@ from sparsediff.models.autoencoder import (
 from sparsediff.models.unet import build_unet
 from sparsediff.pipelines.base import Pipeline
 from sparsediff.training.distributed import Dist, barrier
-from sparsediff.training.loop import Task, Trainer
+from sparsediff.training.loop import Task, Trainer, seed_stage
 
 AE_DIR = "autoencoder"
 LATENT_FILE = "latent.json"  # latent shape and scale, for sampling from the finished run
@@ -41,6 +45,14 @@ LATENT_FILE = "latent.json"  # latent shape and scale, for sampling from the fin
 
 def _unet_fn(unet: nn.Module) -> Any:
     return lambda x, t: unet(x, t).sample
+
+
+def _first_image(data: torch.utils.data.Dataset) -> torch.Tensor:
+    """The first readable image (unreadable ones are None); an error when there is none."""
+    for i in range(len(data)):
+        if (image := data[i]) is not None:
+            return image
+    raise ValueError(f"no readable image in the {len(data)} files of {data.identity['path']}")
 
 
 class _Reconstruction(nn.Module):
@@ -77,30 +89,37 @@ class LatentDiffusion(Pipeline):
         d = self.cfg.data
         return build_image_dataset(
             d.name,
-            d.path or None,
+            self.local_path(d.path),
             d.resolution,
             split,
             max_train=d.max_train or None,
             max_val=d.max_val or None,
             split_seed=d.split_seed,
-            split_file=d.split_file or None,
+            split_file=self.local_path(d.split_file),
         )
 
     def autoencoder_dir(self) -> Path:
         """Where this run's first stage lives (a local pretrained one, or trained in the run)."""
         ae = self.cfg.autoencoder
-        if ae.pretrained:
-            return Path(ae.pretrained)
-        return Path(ae.dir) if ae.dir else self.run_dir / AE_DIR
+        return self.local_path(ae.pretrained or ae.dir) or self.run_dir / AE_DIR
 
     def _train_autoencoder(self, dist: Dist, resume: bool) -> nn.Module:
         """Stage 1: train the dense autoencoder with the shared loop (L1 + L2 + codebook/KL)."""
         cfg, ae_cfg = self.cfg, self.cfg.autoencoder
         out = self.autoencoder_dir()
-        if (out / "config.json").exists():
-            return load_autoencoder(out)[0]
+        if out.exists():
+            try:
+                return load_autoencoder(out)[0]
+            except Exception as err:  # an older version killed mid-save: any loading error
+                tqdm.write(
+                    f"{out} is incomplete or unreadable ({err}); training it again", file=sys.stderr
+                )
+                if dist.is_main:
+                    shutil.rmtree(out)
+                barrier(dist)
         data = self.image_dataset()
-        channels = int(data[0].shape[0])  # 1 for Fashion-MNIST, 3 for photos
+        channels = _first_image(data).shape[0]  # 1 for Fashion-MNIST, 3 for photos
+        seed_stage(cfg.seed, "autoencoder")
         ae = build_autoencoder(
             ae_cfg.kind, ae_cfg.preset, in_channels=channels, out_channels=channels
         )
@@ -140,15 +159,18 @@ class LatentDiffusion(Pipeline):
         if resume:
             trainer.maybe_resume()
         trainer.train()
-        if dist.is_main:
-            ae.save_pretrained(out)
+        if dist.is_main:  # beside, then renamed: a kill never leaves a half-written folder
+            tmp = out.with_name(f".{out.name}.partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            ae.save_pretrained(tmp)
+            os.replace(tmp, out)
         barrier(dist)
         return load_autoencoder(out)[0]
 
     def _latent_dataset(self, ae: nn.Module, dist: Dist) -> LatentDataset:
         """Encode the training set once; rank 0 builds the cache, the others load it."""
         cfg = self.cfg
-        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir / "latents"
+        cache_dir = self.local_path(cfg.data.cache_dir) or self.run_dir / "latents"
         fingerprint = autoencoder_fingerprint(ae)  # hashes every weight: once per run
         extra = {
             "data": {k: v for k, v in vars(cfg.data).items() if not k.startswith("raster")},
@@ -177,7 +199,7 @@ class LatentDiffusion(Pipeline):
     def prepare(self, dist: Dist, resume: bool) -> None:
         """Stage 1 (or the pretrained first stage), then the latent cache."""
         if self.cfg.autoencoder.pretrained:
-            ae = load_autoencoder(self.cfg.autoencoder.pretrained)[0]
+            ae = load_autoencoder(self.autoencoder_dir())[0]
         else:
             ae = self._train_autoencoder(dist, resume)
         self.ae = ae.to(dist.device).eval().requires_grad_(False)
@@ -191,8 +213,9 @@ class LatentDiffusion(Pipeline):
             )
 
     def summary(self) -> dict[str, Any]:
-        """Latent shape and scale."""
-        return {"latent_shape": list(self.latent_shape), "scale": self.scale}
+        """Latent shape and scale, and how many training images were unreadable."""
+        skipped = self.latents.meta.get("skipped", 0)
+        return {"latent_shape": list(self.latent_shape), "scale": self.scale, "skipped": skipped}
 
     # ------------------------------------------------------------------ stage 2
     def build_denoiser(self) -> nn.Module:
@@ -219,15 +242,14 @@ class LatentDiffusion(Pipeline):
     def generate(
         self,
         denoiser: nn.Module,
-        num: int,
-        seed: int,
+        seeds: list[int],
         settings: SamplingSettings,
         progress: bool = False,
     ) -> torch.Tensor:
-        """``num`` images in [-1, 1]: latents from the UNet, decoded by the first stage."""
+        """Images in [-1, 1]: latents from the UNet, decoded by the first stage."""
         device = next(denoiser.parameters()).device
-        shape = (num, *self.latent_shape)
-        z = self.run_chain(_unet_fn(denoiser), shape, device, seed, settings, progress)
+        shape = (len(seeds), *self.latent_shape)
+        z = self.run_chain(_unet_fn(denoiser), shape, device, seeds, settings, progress)
         return decode_latents(self.ae, z / self.scale).clamp(-1, 1)
 
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:

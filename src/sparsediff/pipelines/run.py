@@ -9,7 +9,9 @@ plain model class), ``samples.png`` and ``done.json``.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -20,13 +22,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import sparsediff
-from sparsediff.config import RunConfig, read_run_config
-from sparsediff.io import atomic_write, write_json
-from sparsediff.pipelines.base import Pipeline
+from sparsediff.config import RunConfig, flatten, read_run_config
+from sparsediff.io import atomic_write, read_json, write_json
+from sparsediff.pipelines.base import Pipeline, sample_seeds
 from sparsediff.pipelines.registry import get_pipeline
 from sparsediff.training.checkpoint import load_checkpoint
 from sparsediff.training.distributed import Dist, barrier, setup
-from sparsediff.training.loop import Trainer
+from sparsediff.training.loop import Trainer, seed_stage
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -66,23 +68,96 @@ def export_weights(model: nn.Module, path: Path) -> Path:
     return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
-def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train a run end to end; returns a summary (also written to ``done.json``)."""
+# What may change when a run is resumed: how it is run and watched, not what it trains.
+RESUMABLE_CHANGES = (
+    "name",
+    "train.progress",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.sample_every",
+    "train.num_workers",
+    "train.device",
+    "train.threads",
+    "train.stop_at",
+    "sample.",
+    "eval.",
+)
+
+
+def is_started(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a run (finished or not)."""
+    return (Path(run_dir) / CONFIG_FILE).exists()
+
+
+def _claim_run_dir(
+    cfg: RunConfig, run_dir: Path, dist: Dist, resume: bool, overwrite: bool
+) -> dict[str, Any]:
+    """Check what ``run_dir`` holds against what was asked; returns the config.json record.
+
+    A new run needs an empty place, ``resume`` a started run with the same training settings
+    (changes in ``RESUMABLE_CHANGES`` are allowed and recorded), ``overwrite`` starts again.
+    """
+    record = {"config": cfg.to_dict(), "environment": environment(dist, cfg)}
+    if overwrite and is_started(run_dir):
+        barrier(dist)
+        if dist.is_main:
+            shutil.rmtree(run_dir)
+        barrier(dist)
+    elif resume and not is_started(run_dir):
+        raise ValueError(f"nothing to resume: {run_dir} holds no run ({CONFIG_FILE} is missing)")
+    elif resume:
+        saved = read_json(run_dir / CONFIG_FILE)
+        old, new = flatten(saved["config"]), flatten(cfg.to_dict())
+        changed = {k: [old.get(k), new.get(k)] for k in old.keys() | new.keys()}
+        changed = {k: v for k, v in sorted(changed.items()) if v[0] != v[1]}
+        refused = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+        if refused:
+            lines = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+            raise ValueError(
+                f"--resume of {run_dir} with other training settings ({lines}); resume with the "
+                "run's own settings, or start a new run (another --run-dir, or --overwrite)"
+            )
+        entry = {"time": time.time(), "changed": changed, "environment": record["environment"]}
+        record = {**saved, "config": cfg.to_dict(), "resumes": [*saved.get("resumes", []), entry]}
+    elif is_started(run_dir):
+        state = "finished" if (run_dir / DONE_FILE).exists() else "unfinished"
+        raise ValueError(
+            f"{run_dir} already holds a {state} run: pass --resume to continue it, or "
+            "--overwrite to delete it and start again"
+        )
+    return record
+
+
+def default_threads() -> int:
+    """Half the cores, at most 8: the default does not collapse when a neighbour is busy."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def train(
+    cfg: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Train a run end to end; returns a summary (also written to ``done.json``).
+
+    ``resume`` continues a started run (from its checkpoints; bit-identical to an uninterrupted
+    run), ``overwrite`` deletes what ``run_dir`` holds first; a new run needs an unused place.
+    """
     run_dir = Path(run_dir)
     pipeline = get_pipeline(cfg.pipeline)(cfg, run_dir)
+    torch.set_num_threads(cfg.train.threads or default_threads())
     dist = setup(cfg.train.device)
-    torch.manual_seed(cfg.seed)
+    record = _claim_run_dir(cfg, run_dir, dist, resume, overwrite)
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     if dist.is_main:
-        record = {"config": cfg.to_dict(), "environment": environment(dist, cfg)}
         write_json(run_dir / CONFIG_FILE, record)
     pipeline.prepare(dist, resume)
+    seed_stage(cfg.seed, "denoiser")  # the same initial weights however the stages before ran
     task = pipeline.task()
     grid = pipeline.sampling(cfg.sample)
+    seeds = sample_seeds(cfg.seed, 0, cfg.sample.num)
     task.write_grid = lambda model, path: pipeline.save_samples(
-        pipeline.generate(model, cfg.sample.num, cfg.seed, grid, progress=False), path
+        pipeline.generate(model, seeds, grid, progress=False), path
     )
     trainer = Trainer(task, cfg.train, run_dir, dist, seed=cfg.seed, sparse_cfg=cfg.sparse)
     if resume:
@@ -113,7 +188,14 @@ def load_run(
     pipeline.load(device)
     denoiser = pipeline.build_denoiser()
     if ema:
-        denoiser.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
+        try:
+            denoiser.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{run_dir / WEIGHTS_FILE} is missing: is the run finished?"
+            ) from None
+        except Exception as err:  # safetensors' own error types: truncated or corrupt
+            raise ValueError(f"{run_dir / WEIGHTS_FILE}: not readable weights ({err})") from None
     else:
         denoiser.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_FILE)["model"])
     return pipeline, denoiser.to(device).eval()
@@ -143,5 +225,5 @@ def write_samples(
     """
     pipeline, denoiser = load_run(run_dir, resolve_device(device))
     settings = pipeline.sampling(pipeline.cfg.sample, sampler, steps, eta)
-    samples = pipeline.generate(denoiser, num, seed, settings, progress=progress)
+    samples = pipeline.generate(denoiser, sample_seeds(seed, 0, num), settings, progress=progress)
     return pipeline.save_samples(samples, Path(out))

@@ -3,15 +3,17 @@
 Masks are boolean tensors next to plain weights that hold zeros; nothing is
 monkey-patched. All work happens in an optimizer step post-hook:
 
-1. re-zero the masked weights with one ``torch._foreach_mul_`` (gradients are never
-   masked, so RigL can read the dense gradient);
-2. on an update step (RigL/MagRan), drop the smallest active weights and grow as many
-   inactive ones, then zero the weights, optimizer state and EMA entries that changed.
+1. re-zero the masked weights and their optimizer state with ``torch._foreach_mul_``
+   (gradients are never masked, so RigL can read the dense gradient);
+2. on an update step of a method that updates masks, ask the method for drop and grow
+   scores and the granularity for the new mask, then zero the weights, optimizer state and
+   EMA entries that changed.
 """
 
 import math
 import time
 import types
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,19 +22,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributions import DISTRIBUTIONS, layer_densities
+from .distributions import DISTRIBUTIONS
+from .granularity import parse_granularity
+from .methods import METHODS
 from .schedules import SCHEDULES, is_update_step, prune_fraction, stop_step
-from .scores import (
-    drop_and_grow,
-    gradient_score,
-    magnitude_score,
-    random_mask,
-    random_scores,
-    seeded_generator,
-)
+from .scores import LayerScores, seeded_generator
 from .selection import select_parameters, unwrap
 
-METHODS = ("dense", "static", "rigl", "magran")
 _STATE_FORMAT = "sparsediff.sparsity/1"
 
 
@@ -48,6 +44,7 @@ class _Layer:
     ever: torch.Tensor  # bool: ever active (in-time over-parameterisation)
     active: int  # number of True entries, kept on the host so no step needs a sync
     ema: torch.Tensor | None
+    units: tuple[int, ...] | None  # shape of the granularity's unit view; None: always dense
 
 
 def _check_choice(argument: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -80,6 +77,7 @@ def check_settings(
     prune_schedule: str,
     stop_fraction: float,
     erk_power_scale: float,
+    granularity: str = "unstructured",
     prefix: str = "",
 ) -> None:
     """Raise a ValueError naming the first sparse-training setting no run could use.
@@ -87,9 +85,16 @@ def check_settings(
     The engine's own rules, for callers that check settings before building anything (the run
     config does, with ``prefix="sparse."`` so the message names the config key).
     """
-    _check_choice(f"{prefix}method", method, METHODS)
+    _check_choice(f"{prefix}method", method, tuple(METHODS))
     _check_float(f"{prefix}sparsity", sparsity, 0.0, 1.0, "[)")
     _check_choice(f"{prefix}distribution", distribution, DISTRIBUTIONS)
+    fixed = parse_granularity(granularity, f"{prefix}granularity").fixed_sparsity
+    # n:m fixes the density; the dense baseline ignores both sparsity and granularity.
+    if fixed is not None and method != "dense" and not math.isclose(sparsity, fixed, abs_tol=1e-6):
+        raise ValueError(
+            f"{prefix}sparsity must be {fixed:.6g} (1 - n/m) with {prefix}granularity = "
+            f"{granularity!r}, got {sparsity!r}"
+        )
     _check_float(f"{prefix}erk_power_scale", erk_power_scale, 0.0, math.inf, "[)")
     _check_int(f"{prefix}update_interval", update_interval, 1)
     _check_float(f"{prefix}prune_ratio", prune_ratio, 0.0, 1.0, "(]")
@@ -132,10 +137,11 @@ class SparseTraining:
     Args:
         model: the model (or its DDP/DataParallel wrapper; names are the inner module's).
         optimizer: the optimizer that holds every maskable parameter of ``model``.
-        method: ``"dense"`` (all-True masks, ``sparsity`` ignored), ``"static"`` (masks
-            never change), ``"rigl"`` (grow by dense-gradient magnitude) or ``"magran"``
-            (grow uniformly at random).
-        sparsity: fraction of maskable weights that are zero, in ``[0, 1)``.
+        method: a name in ``METHODS``: ``"dense"`` (all-True masks, ``sparsity`` ignored),
+            ``"static"`` (masks never change), ``"rigl"`` (grow by dense-gradient magnitude)
+            or ``"magran"`` (grow uniformly at random).
+        sparsity: fraction of maskable weights that are zero, in ``[0, 1)``; with an ``n:m``
+            granularity it must be ``1 - n/m``.
         distribution: layer densities, ``"uniform"``, ``"er"`` or ``"erk"``.
         update_interval: ΔT, optimizer steps between mask updates (>= 1).
         prune_ratio: p, fraction of a layer's active weights swapped per update, in (0, 1].
@@ -147,6 +153,8 @@ class SparseTraining:
         seed: seeds the initial masks and MagRan's growth, with the step and layer index.
         exclude: glob patterns of parameter names kept dense (e.g. ``"conv_in.*"``).
         include: glob patterns of extra parameter names to make sparse.
+        granularity: ``"unstructured"`` (single weights), ``"channel"`` (whole rows) or
+            ``"n:m"`` such as ``"2:4"`` (n of every m consecutive weights of a row).
     """
 
     def __init__(
@@ -166,11 +174,13 @@ class SparseTraining:
         seed: int = 0,
         exclude: str | Iterable[str] = (),
         include: str | Iterable[str] | None = None,
+        granularity: str = "unstructured",
     ) -> None:
         config = {
             "method": method,
             "sparsity": sparsity,
             "distribution": distribution,
+            "granularity": granularity,
             "update_interval": update_interval,
             "prune_ratio": prune_ratio,
             "prune_schedule": prune_schedule,
@@ -202,25 +212,35 @@ class SparseTraining:
         ema_params = _ema_parameters(ema, params)
 
         self._config = config
+        self._method = METHODS[method]
+        self._granularity = parse_granularity(granularity)
         self._model = unwrap(model)
         self._optimizer = optimizer
         self._step = 0
         self._last: dict[str, Any] = _no_update(list(params))
-        if method == "dense":
-            densities = dict.fromkeys(params, 1.0)
-        else:
-            shapes = {name: tuple(p.shape) for name, p in params.items()}
-            densities = layer_densities(shapes, sparsity, distribution, erk_power_scale)
+        shapes = {name: tuple(p.shape) for name, p in params.items()}
+        plan = self._method.plan(shapes, self._granularity, sparsity, distribution, erk_power_scale)
+        # Layers the granularity cannot structure (n:m with a row length not a multiple of m);
+        # not worth a word for the dense baseline, which structures nothing.
+        cannot = [n for n, s in shapes.items() if self._granularity.unit_shape(s) is None]
+        self._kept_dense = cannot if any(v is not None for v in plan.values()) else []
+        if self._kept_dense:
+            warnings.warn(
+                f"granularity {granularity!r} cannot apply to {self._kept_dense}; kept dense",
+                stacklevel=2,
+            )
         self._layers: list[_Layer] = []
         for index, (name, param) in enumerate(params.items()):
-            active = round(densities[name] * param.numel())
-            if active == param.numel():
+            units = None if plan[name] is None else self._granularity.unit_shape(param.shape)
+            if units is None or plan[name] == math.prod(units):
                 mask = torch.ones(param.shape, dtype=torch.bool)
             else:
-                mask = random_mask(param.shape, active, seeded_generator(seed, 0, index))
+                generator = seeded_generator(seed, 0, index)
+                chosen = self._granularity.random_units(units, plan[name], generator)
+                mask = self._granularity.expand(chosen, param.shape)
             mask = mask.to(param.device)
             layer = _Layer(
-                name, index, param, mask, mask, mask.clone(), active, ema_params.get(name)
+                name, index, param, mask, mask, mask.clone(), 0, ema_params.get(name), units
             )
             self._layers.append(layer)
             self._refresh(layer)
@@ -250,6 +270,11 @@ class SparseTraining:
         return self._config["method"]
 
     @property
+    def granularity(self) -> str:
+        """The mask granularity: ``"unstructured"``, ``"channel"`` or ``"n:m"``."""
+        return self._config["granularity"]
+
+    @property
     def config(self) -> dict[str, Any]:
         """A copy of the configuration (method, sparsity, schedule, seed, ...)."""
         return dict(self._config)
@@ -265,46 +290,93 @@ class SparseTraining:
         with torch.no_grad():
             if self._hot_params:
                 torch._foreach_mul_(self._hot_params, self._hot_masks)
+                self._zero_inactive_state()
             cfg = self._config
             last = stop_step(cfg["total_steps"], cfg["stop_fraction"])
-            if cfg["method"] in ("rigl", "magran") and is_update_step(
+            if self._method.updates_masks and is_update_step(
                 self._step, cfg["update_interval"], last
             ):
                 self._update(
                     prune_fraction(self._step, cfg["prune_ratio"], cfg["prune_schedule"], last)
                 )
 
+    def _optimizer_state(self, layer: _Layer) -> list[torch.Tensor]:
+        """The optimizer-state tensors of a layer's weight, which the engine zeroes per entry.
+
+        Scalars (Adam's ``step``) are left alone; any other shape than the weight's (a factored
+        second moment, a flattened buffer) cannot be zeroed entry by entry, so it is an error
+        rather than state that silently leaks across mask changes.
+        """
+        found = []
+        for key, state in self._optimizer.state.get(layer.param, {}).items():
+            if not torch.is_tensor(state) or state.dim() == 0:
+                continue
+            if state.shape != layer.param.shape:
+                raise ValueError(
+                    f"{type(self._optimizer).__name__} keeps state {key!r} of shape "
+                    f"{tuple(state.shape)} for {layer.name!r} of shape {tuple(layer.param.shape)}; "
+                    "sparse training zeroes optimizer state at inactive weights and can only do "
+                    "so for state shaped like the parameter (use e.g. SGD, Adam or AdamW)"
+                )
+            found.append(state)
+        return found
+
+    def _zero_inactive_state(self) -> None:
+        """Zero the optimizer state at inactive entries (gradients are not masked, so the
+        step wrote there), so that it is exactly as sparse as the weights."""
+        states, masks = [], []
+        for layer in self._hot_layers:
+            for state in self._optimizer_state(layer):
+                states.append(state)
+                same = state.dtype == layer.fmask.dtype and state.device == layer.fmask.device
+                masks.append(layer.fmask if same else layer.mask.to(state.device, state.dtype))
+        if states:
+            torch._foreach_mul_(states, masks)
+
     def _update(self, fraction: float) -> None:
-        """Drop and regrow ``fraction`` of every layer's active weights."""
+        """Drop and regrow ``fraction`` of every layer's active units (the reference RigL rule).
+
+        A just-dropped unit may be regrown; it keeps its value and optimizer state. Only the
+        net changes are zeroed: dropped weights vanish, new connections start at zero with
+        zero optimizer state.
+        """
         start = time.perf_counter()
-        rigl = self._config["method"] == "rigl"
+        method, granularity = self._method, self._granularity
         dropped: dict[str, int] = {}
+        grown: dict[str, int] = {}
         for layer in self._layers:
             param = layer.param
-            k = min(round(fraction * layer.active), param.numel() - layer.active)
-            dropped[layer.name] = 0
-            if k <= 0 or (rigl and param.grad is None):  # no gradient: nothing to rank
+            dropped[layer.name] = grown[layer.name] = 0
+            if layer.units is None:
                 continue
-            if rigl:
-                grow = gradient_score(param.grad)
-            else:
-                gen = seeded_generator(self._config["seed"], self._step, layer.index)
-                grow = random_scores(param.numel(), gen, param.device)
-            drop_idx, grow_idx = drop_and_grow(magnitude_score(param), grow, layer.mask, k)
-            changed = torch.zeros_like(layer.mask)
-            changed.view(-1)[torch.cat([drop_idx, grow_idx])] = True
-            layer.mask.view(-1)[drop_idx] = False
-            layer.mask.view(-1)[grow_idx] = True
-            layer.fmask.copy_(layer.mask)
-            layer.ever |= layer.mask
-            param.masked_fill_(changed, 0)  # dropped weights vanish, grown ones start at 0
-            for state in self._optimizer.state.get(param, {}).values():
-                if torch.is_tensor(state) and state.shape == param.shape:
-                    state.masked_fill_(changed.to(state.device), 0)
+            units = math.prod(layer.units)
+            active = layer.active * units // param.numel()  # every unit holds as many weights
+            k = math.floor(fraction * active)  # as in the reference: int(p * active)
+            # A dense layer can only regrow what it drops; without a gradient RigL cannot rank.
+            if k == 0 or active == units or (method.needs_dense_grad and param.grad is None):
+                continue
+            scores = LayerScores(
+                param, param.grad, granularity, self._config["seed"], self._step, layer.index
+            )
+            chosen = granularity.select(
+                granularity.units(layer.mask),
+                method.drop_score(scores),
+                method.grow_score(scores),
+                k,
+            )
+            new = granularity.expand(chosen, param.shape)
+            lost, gained = layer.mask & ~new, new & ~layer.mask
+            changed = lost | gained
+            layer.mask.copy_(new)
+            layer.fmask.copy_(new)
+            layer.ever |= new
+            param.masked_fill_(changed, 0)
+            for state in self._optimizer_state(layer):
+                state.masked_fill_(changed.to(state.device), 0)
             if layer.ema is not None:  # EMA follows the live value at every changed entry
                 ema = layer.ema
                 ema.copy_(torch.where(changed.to(ema.device), param.to(ema.device), ema))
-            dropped[layer.name] = k
+            dropped[layer.name], grown[layer.name] = int(lost.sum()), int(gained.sum())
         if any(layer.param.is_cuda for layer in self._layers):
             torch.cuda.synchronize()
         self._last = {
@@ -312,7 +384,7 @@ class SparseTraining:
             "prune_fraction": fraction,
             "time_s": time.perf_counter() - start,
             "dropped": dropped,
-            "grown": dict(dropped),  # density is preserved: as many grown as dropped
+            "grown": grown,
         }
 
     # ------------------------------------------------------------------ masking helpers
@@ -330,6 +402,7 @@ class SparseTraining:
     def _apply_masks(self) -> None:
         """Zero masked entries of the model (and EMA) and cache the per-step multiply lists."""
         sparse = [layer for layer in self._layers if layer.active < layer.mask.numel()]
+        self._hot_layers = sparse
         self._hot_params = [layer.param for layer in sparse]
         self._hot_masks = [layer.fmask for layer in sparse]
         with torch.no_grad():
@@ -369,8 +442,10 @@ class SparseTraining:
         Keys: ``step``, ``density``, ``sparsity``, ``active``, ``maskable``,
         ``layer_density`` (name -> float), ``itop_rate`` (fraction of maskable weights ever
         active), ``last_update_step`` (None before the first update), ``prune_fraction``,
-        ``dropped``, ``grown``, ``churn`` (dropped / active), ``layer_churn``
-        (name -> {"dropped", "grown"}) and ``update_time_s`` (wall time of the last update).
+        ``dropped``, ``grown`` (weights that left / joined the active set at the last update; a
+        regrown just-dropped weight is neither), ``churn`` (dropped / active), ``layer_churn``
+        (name -> {"dropped", "grown"}), ``update_time_s`` (wall time of the last update),
+        ``granularity`` and ``kept_dense`` (layers the granularity cannot structure).
         """
         active = sum(layer.active for layer in self._layers)
         total = self._numel()
@@ -395,6 +470,8 @@ class SparseTraining:
                 for name in last["dropped"]
             },
             "update_time_s": last["time_s"],
+            "granularity": self.granularity,
+            "kept_dense": list(self._kept_dense),
         }
 
     def verify_consistent(self) -> bool:
@@ -446,10 +523,12 @@ class SparseTraining:
         """Restore masks, step and schedule, and re-apply the masks to model (and EMA)."""
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"state must come from SparseTraining.state_dict ({_STATE_FORMAT})")
-        if state["method"] != self.method:
-            raise ValueError(
-                f"state was saved with method={state['method']!r}, this is {self.method!r}"
-            )
+        state = {"granularity": "unstructured", **state}  # saved before granularity existed
+        for key in ("method", "granularity"):
+            if state[key] != self._config[key]:
+                raise ValueError(
+                    f"state was saved with {key}={state[key]!r}, this is {self._config[key]!r}"
+                )
         config = {key: state[key] for key in self._config}
         _validate_config(config)
         masks = state["masks"]

@@ -23,7 +23,8 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .engine import METHODS, SparseTraining
+from .engine import SparseTraining
+from .methods import METHODS
 from .selection import unwrap
 
 
@@ -190,18 +191,18 @@ def training_flops_per_step(
 ) -> float:
     """Training FLOPs of one optimizer step (forward + backward ≈ 3 forwards).
 
-    dense: ``3 f_D``; static and MagRan: ``3 f_S``; RigL, whose update step also needs the
-    dense gradient: ``(3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)``.
+    dense: ``3 f_D``; static and MagRan: ``3 f_S``; RigL (any method whose update step also
+    needs the dense gradient): ``(3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)``.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
     if isinstance(update_interval, bool) or not isinstance(update_interval, int):
         raise ValueError(f"update_interval must be an integer >= 1, got {update_interval!r}")
     if update_interval < 1:
         raise ValueError(f"update_interval must be an integer >= 1, got {update_interval!r}")
     if method == "dense":
         return 3.0 * dense_flops
-    if method == "rigl":
+    if METHODS[method].needs_dense_grad:
         dt = update_interval
         return (3.0 * sparse_flops * dt + 2.0 * sparse_flops + dense_flops) / (dt + 1)
     return 3.0 * sparse_flops

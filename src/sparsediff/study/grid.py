@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsediff.config import load_config
+from sparsediff.config import flatten, load_config
 from sparsediff.sparsity import METHODS
 
 DYNAMIC = ("rigl", "magran")  # the methods with a prune/regrowth ratio p
@@ -133,18 +133,6 @@ def cell_id(
         parts.append(f"p{fmt_value(prune_ratio)}")
     parts.append(f"seed{seed}")
     return f"{dataset}/{'-'.join(parts)}"
-
-
-def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested tables -> dotted keys (``{"train": {"steps": 3}}`` -> ``{"train.steps": 3}``)."""
-    flat: dict[str, Any] = {}
-    for key, value in table.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{full}."))
-        else:
-            flat[full] = value
-    return flat
 
 
 def preset_pipeline(preset: str) -> str:

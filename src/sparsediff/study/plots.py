@@ -1,7 +1,9 @@
 """The study report's figures: FID vs sparsity, FID vs training FLOPs, sample grids side by side.
 
 Drawn on matplotlib ``Figure`` objects with the Agg canvas (no pyplot, no global backend state).
-Each function returns the PNG's path, or None when there is nothing to draw.
+The ``plot_*`` functions and ``compose_samples`` return the PNG's path, the ``*_figure`` functions
+the Figure; each returns None when there is nothing to draw. FID axes start at 0 (or a given noise
+floor) and their titles state the sample counts and seeds.
 """
 
 from __future__ import annotations
@@ -10,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from sparsediff.io import atomic_write
-from sparsediff.study.stats import Setting, pct, row_label, row_order, split_dense
+from sparsediff.study.stats import (
+    Setting,
+    pct,
+    row_label,
+    row_order,
+    sample_sizes,
+    split_dense,
+)
 
 
 def _figure(width: float, height: float) -> Any:
@@ -19,17 +28,33 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _save_fid_axes(fig: Any, ax: Any, xlabel: str, title: str, path: Path) -> Path:
+def _finish_fid_axes(fig: Any, ax: Any, xlabel: str, title: str, floor: float) -> Any:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("FID (lower is better)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    # from the floor, not zoomed in: an autoscaled axis makes a 2% spread fill the panel
+    top = ax.dataLim.y1  # the highest mean + std drawn
+    if floor < top:
+        ax.set_ylim(floor, top + 0.05 * (top - floor))
+    return fig
+
+
+def _fid_title(settings: list[Setting], title: str) -> str:
+    return f"{title}\n{sample_sizes(settings).describe()}"
+
+
+def _save(fig: Any, path: Path) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
-def plot_fid_vs_sparsity(settings: list[Setting], path: Path, title: str) -> Path | None:
-    """FID against sparsity, a line per (method, p) with std error bars, dense as a band."""
+def fid_vs_sparsity_figure(settings: list[Setting], title: str, floor: float = 0.0) -> Any:
+    """FID against sparsity, a line per (method, p) with std error bars, dense as a band.
+
+    The y axis starts at ``floor``: 0, or a known noise floor (the FID between two real
+    samples of the same sizes). None when there is nothing to draw.
+    """
     dense, sparse = split_dense(settings)
     fig = _figure(6, 4)
     ax = fig.add_subplot()
@@ -49,11 +74,11 @@ def plot_fid_vs_sparsity(settings: list[Setting], path: Path, title: str) -> Pat
     if not plotted and dense is None:
         return None
     ax.set_xticks(sorted({s.sparsity * 100 for s in sparse}))
-    return _save_fid_axes(fig, ax, "sparsity (%)", title, path)
+    return _finish_fid_axes(fig, ax, "sparsity (%)", _fid_title(settings, title), floor)
 
 
-def plot_fid_vs_flops(settings: list[Setting], path: Path, title: str) -> Path | None:
-    """FID against training FLOPs relative to dense (dense at 1)."""
+def fid_vs_flops_figure(settings: list[Setting], title: str, floor: float = 0.0) -> Any:
+    """FID against training FLOPs relative to dense (dense at 1); y from ``floor``."""
     fig = _figure(6, 4)
     ax = fig.add_subplot()
     xs_all = []
@@ -75,7 +100,24 @@ def plot_fid_vs_flops(settings: list[Setting], path: Path, title: str) -> Path |
         return None
     if max(xs_all) / max(min(xs_all), 1e-12) > 20:
         ax.set_xscale("log")
-    return _save_fid_axes(fig, ax, "training FLOPs (× dense)", title, path)
+    xlabel = "training FLOPs (× dense)"
+    return _finish_fid_axes(fig, ax, xlabel, _fid_title(settings, title), floor)
+
+
+def plot_fid_vs_sparsity(
+    settings: list[Setting], path: Path, title: str, floor: float = 0.0
+) -> Path | None:
+    """Write :func:`fid_vs_sparsity_figure` as a PNG."""
+    fig = fid_vs_sparsity_figure(settings, title, floor)
+    return None if fig is None else _save(fig, path)
+
+
+def plot_fid_vs_flops(
+    settings: list[Setting], path: Path, title: str, floor: float = 0.0
+) -> Path | None:
+    """Write :func:`fid_vs_flops_figure` as a PNG."""
+    fig = fid_vs_flops_figure(settings, title, floor)
+    return None if fig is None else _save(fig, path)
 
 
 def _load_image(path: str | None, study_dir: Path) -> Any:
@@ -94,37 +136,48 @@ def _load_image(path: str | None, study_dir: Path) -> Any:
         return None
 
 
+def _panel(ax: Any, img: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if img is not None:
+        ax.imshow(img)
+    else:
+        ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
+
+
 def compose_samples(
     settings: list[Setting], study_dir: Path, path: Path, title: str
 ) -> Path | None:
-    """Sample grids side by side: a row per (method, p), Dense first, then each sparsity."""
+    """Sample grids side by side: Dense once on top, then a row per (method, p) and a column per
+    sparsity."""
     dense, sparse = split_dense(settings)
     columns = sorted({s.sparsity for s in sparse})
-    rows = sorted({s.row for s in sparse}, key=row_order) or [("dense", None)]
+    rows = sorted({s.row for s in sparse}, key=row_order)
     at = {(s.row, s.sparsity): s for s in sparse}
-    dense_img = _load_image(dense.sample_record().get("samples_grid"), study_dir) if dense else None
-    grid = [[dense_img] + [None] * len(columns) for _ in rows]
+
+    def grid_of(s: Setting | None) -> Any:
+        return _load_image(s.sample_record().get("samples_grid"), study_dir) if s else None
+
+    dense_img = grid_of(dense)
+    panels = [[grid_of(at.get((row, col))) for col in columns] for row in rows]
+    if dense_img is None and all(img is None for line in panels for img in line):
+        return None
+    top = 1 if dense is not None else 0  # the first row holds the one dense panel
+    nrows, ncols = top + len(rows), max(len(columns), 1)
+    fig = _figure(2.2 * ncols, 2.4 * nrows + 0.4)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    if top:
+        _panel(axes[0][0], dense_img)
+        axes[0][0].set_ylabel("Dense", fontsize=9)
+        for ax in axes[0][1:]:
+            ax.set_axis_off()
     for i, row in enumerate(rows):
         for j, col in enumerate(columns):
-            if (s := at.get((row, col))) is not None:
-                grid[i][j + 1] = _load_image(s.sample_record().get("samples_grid"), study_dir)
-    if all(img is None for line in grid for img in line):
-        return None
-    ncols = len(columns) + 1
-    fig = _figure(2.2 * ncols, 2.4 * len(rows) + 0.4)
-    axes = fig.subplots(len(rows), ncols, squeeze=False)
-    for i, row in enumerate(rows):
-        for j in range(ncols):
-            ax, img = axes[i][j], grid[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if img is not None:
-                ax.imshow(img)
-            else:
-                ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
+            ax = axes[top + i][j]
+            _panel(ax, panels[i][j])
             if i == 0:
-                ax.set_title("Dense" if j == 0 else f"S = {pct(columns[j - 1])}", fontsize=9)
-            if j == 0 and row[0] != "dense":
+                ax.set_title(f"S = {pct(col)}", fontsize=9)
+            if j == 0:
                 ax.set_ylabel(row_label(*row), fontsize=9)
     fig.suptitle(f"{title}: samples with fixed seeds (seed-0 runs)")
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -1,7 +1,9 @@
 """The study report: FID tables, cost, plots, side-by-side samples and "safe values".
 
 ``write_report(study_dir)`` reads ``results.jsonl`` (and ``study.json`` for the command and the
-dataset order) and writes ``report/report.md`` with its PNGs next to it in ``report/``.
+dataset order) and writes ``report/report.md`` with its PNGs next to it in ``report/``. Results
+come first: per dataset (with a bold warning when FID rests on too few images), then the "safe
+values", then the evaluation protocol.
 
 Conventions: in the FID table the Dense row repeats the dense reference in every column, and bold
 marks the lowest mean FID among the sparse settings of each column. Settings, statistics over
@@ -22,6 +24,7 @@ from sparsediff.study.grid import flatten
 from sparsediff.study.plots import compose_samples, plot_fid_vs_flops, plot_fid_vs_sparsity
 from sparsediff.study.results import RESULTS_FILE, STUDY_FILE, read_results
 from sparsediff.study.stats import (
+    MIN_FID_SAMPLES,
     MISSING,
     REL_TOL,
     Setting,
@@ -32,6 +35,7 @@ from sparsediff.study.stats import (
     row_label,
     row_order,
     safe_values,
+    sample_sizes,
     split_dense,
 )
 
@@ -172,6 +176,18 @@ def other_tables(settings: list[Setting]) -> list[str]:
     ]
 
 
+def small_sample_warning(settings: list[Setting]) -> str | None:
+    """A bold line when FID rests on too few images for small differences to mean anything."""
+    sizes = sample_sizes(settings)
+    if not sizes.small:
+        return None
+    return (
+        f"**Warning: FID from {sizes.describe()}. Below {MIN_FID_SAMPLES} images FID is biased "
+        "upwards and noisy (docs/evaluation.md): at these sizes, differences of a few FID points "
+        "are within sampling noise.**"
+    )
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -270,8 +286,8 @@ def write_report(study_dir: Path, rel_tol: float = REL_TOL) -> Path:
     ]
     if desc := study.get("study", {}).get("description"):
         lines += ["", desc]
-    lines += ["", "## Protocol", "", _protocol_table(records, datasets), ""]
     lines += [
+        "",
         "Values are mean ± sample std over seeds (± only with ≥ 2 seeds; `(n=k)` marks a setting "
         "with fewer seeds than the others). **Bold**: the best mean among the sparse settings at "
         "that sparsity (lowest FID/KID, highest precision/recall); the Dense row repeats the dense "
@@ -283,7 +299,10 @@ def write_report(study_dir: Path, rel_tol: float = REL_TOL) -> Path:
     for ds in datasets:
         settings, slug = by_dataset[ds], _slug(ds)
         first = settings[0].records[0]
-        lines += [f"## {ds}", "", f"Preset `{first.get('preset')}` ({first.get('pipeline')}).", ""]
+        lines += [f"## {ds}", ""]
+        if (warning := small_sample_warning(settings)) is not None:
+            lines += [warning, ""]
+        lines += [f"Preset `{first.get('preset')}` ({first.get('pipeline')}).", ""]
         lines += [fid_table(settings), ""]
         if (line := dense_cost(settings)) is not None:
             lines += [line, ""]
@@ -301,4 +320,7 @@ def write_report(study_dir: Path, rel_tol: float = REL_TOL) -> Path:
         if compose_samples(settings, study_dir, out / samples, ds) is not None:
             lines += [f"![Samples]({samples})", ""]
     lines += _safe_section(records, datasets, rel_tol)
+    # last: the full protocol is for checking comparability, not the first thing to read
+    lines += ["", "## Protocol", "", "<details><summary>Evaluation protocol per dataset</summary>"]
+    lines += ["", _protocol_table(records, datasets), "", "</details>"]
     return write_text(out / "report.md", "\n".join(lines) + "\n")

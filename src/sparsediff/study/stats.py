@@ -4,7 +4,8 @@ A *setting* is (dataset, method, p, sparsity), aggregated over seeds as mean and
 deviation (``Stat``; the std needs >= 2 seeds). A sparse setting is *safe* when its mean FID <=
 dense mean + tolerance, where the tolerance is the larger of the known standard deviations of
 dense and the setting (known = >= 2 seeds); with neither known it is ``rel_tol`` (``REL_TOL``, 5%)
-of the dense mean, and the verdict is weak.
+of the dense mean, and the verdict is weak. ``sample_sizes`` collects the FID sample counts and
+seed counts behind a dataset's numbers, for the report's titles and small-sample warning.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any
 METHOD_NAMES = {"dense": "Dense", "static": "Static", "rigl": "RigL", "magran": "MagRan"}
 REL_TOL = 0.05
 MISSING = "–"
+# Below this many generated or reference images FID is strongly biased by n and noisy
+# (docs/evaluation.md, "Sample counts"): a few FID points between settings mean nothing.
+MIN_FID_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,54 @@ class Setting:
     def sample_record(self) -> dict:
         """The record of the lowest seed (seed 0 normally), whose sample grid is shown."""
         return min(self.records, key=lambda r: r.get("seed", 0))
+
+
+@dataclass(frozen=True)
+class SampleSizes:
+    """The distinct FID sample counts and seed counts behind one dataset's numbers."""
+
+    generated: tuple[int, ...]
+    reference: tuple[int, ...]
+    seeds: tuple[int, ...]  # seeds per setting
+
+    @property
+    def small(self) -> bool:
+        """Some FID rests on fewer than MIN_FID_SAMPLES generated or reference images."""
+        return any(n < MIN_FID_SAMPLES for n in self.generated + self.reference)
+
+    def describe(self) -> str:
+        """``n = 64 generated vs 128 reference images, 2 seeds``."""
+        gen, ref = _span(self.generated), _span(self.reference)
+        seeds = _span(self.seeds)
+        seeds += " seed" if self.seeds == (1,) else " seeds"
+        if not self.generated:
+            return f"sample counts not recorded, {seeds}"
+        if not self.reference:
+            return f"n = {gen} generated images (reference size not recorded), {seeds}"
+        return f"n = {gen} generated vs {ref} reference images, {seeds}"
+
+
+def _span(values: tuple[int, ...]) -> str:
+    """(64,) -> ``64``; (64, 1000) -> ``64–1000``."""
+    if not values:
+        return MISSING
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+
+def sample_sizes(settings: list[Setting]) -> SampleSizes:
+    """FID sample counts as measured (metrics num_fake/num_real), else as planned (protocol)."""
+    generated, reference = set(), set()
+    for s in settings:
+        for r in s.records:
+            metrics, protocol = r.get("metrics") or {}, r.get("protocol") or {}
+            ref = protocol.get("reference")
+            fake = metrics.get("num_fake", protocol.get("num_samples"))
+            real = metrics.get("num_real", ref.get("size") if isinstance(ref, dict) else None)
+            generated |= {int(fake)} if _number(fake) else set()
+            reference |= {int(real)} if _number(real) else set()
+    seeds = {len(s.records) for s in settings}
+    return SampleSizes(tuple(sorted(generated)), tuple(sorted(reference)), tuple(sorted(seeds)))
 
 
 def pct(sparsity: float) -> str:

@@ -43,10 +43,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sparsediff.config import load_config
+from sparsediff.config import absolute_paths, load_config
 from sparsediff.io import write_text
 from sparsediff.pipelines import evaluate, get_pipeline, train
-from sparsediff.pipelines.run import DONE_FILE
+from sparsediff.pipelines.run import DONE_FILE, is_started
 from sparsediff.study.grid import Cell, Study, expand_grid, load_study
 from sparsediff.study.results import RESULTS_FILE, STUDY_FILE, append_result, jsonable, read_results
 
@@ -66,8 +66,8 @@ class StudyError(RuntimeError):
 
 
 def default_train(preset: str, overrides: dict, run_dir: Path, resume: bool) -> None:
-    """Train one cell with the pipelines' run skeleton."""
-    train(load_config(preset, overrides), run_dir, resume)
+    """Train one cell with the pipelines' run skeleton (resuming what a kill left)."""
+    train(load_config(preset, overrides), run_dir, resume=resume and is_started(run_dir))
 
 
 def default_evaluate(run_dir: Path, num_samples: int | None, seed: int) -> dict:
@@ -148,17 +148,19 @@ def share_work(cells: list[Cell], study_dir: Path) -> tuple[list[Cell], set[str]
     """
     out, sharing = [], set()
     for cell in cells:
+        overrides = absolute_paths(cell.overrides)  # as typed: relative to the working directory
+        # shared places relative to the cell's run directory, so the study folder can be moved
+        shared = Path(
+            os.path.relpath(study_dir / "shared" / cell.dataset, study_dir / "runs" / cell.id)
+        )
         try:
-            cfg = load_config(cell.preset, cell.overrides)
-            extra = get_pipeline(cfg.pipeline).study_overrides(
-                cfg, study_dir / "shared" / cell.dataset
-            )
+            cfg = load_config(cell.preset, overrides)
+            extra = get_pipeline(cfg.pipeline).study_overrides(cfg, shared)
         except ValueError as exc:
             raise ValueError(f"cell {cell.id}: {exc}") from exc
         if extra:
             sharing.add(cell.dataset)
-            cell = replace(cell, overrides={**cell.overrides, **extra})
-        out.append(cell)
+        out.append(replace(cell, overrides={**overrides, **extra}))
     return out, sharing
 
 

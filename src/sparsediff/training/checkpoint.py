@@ -21,7 +21,13 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``: tensors and plain containers only."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # truncated, corrupt, or holding more than tensors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable checkpoint ({first})") from None
 
 
 def rng_state() -> dict[str, Any]:

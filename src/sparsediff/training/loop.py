@@ -12,8 +12,10 @@ re-seeded from (seed, rank, step), so it needs no saved state.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from sparsediff.config import SparseConfig, TrainConfig
+from sparsediff.io import write_text
 from sparsediff.sparsity import SparseTraining
 from sparsediff.training.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from sparsediff.training.distributed import Dist, all_mean
@@ -106,6 +109,24 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def seed_stage(seed: int, stage: str) -> None:
+    """Seed the global RNG for one stage of a run from (seed, stage) alone.
+
+    Whatever ran before (a stage trained, resumed or loaded from disk), the stage's own random
+    draws (its model's initial weights) come out the same, so resume is exact at every point.
+    """
+    digest = hashlib.sha256(f"{seed}:{stage}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line a kill cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _step_generator(device: torch.device, seed: int, rank: int, step: int) -> torch.Generator:
     """Per-step noise generator: stateless, so resume needs no generator state."""
     gen = torch.Generator(device=device)
@@ -169,6 +190,7 @@ class Trainer:
             len(task.dataset), cfg.batch_size, seed, dist.rank, dist.world_size
         )
         self.state = TrainState()
+        self._losses: list[torch.Tensor] = []  # since the last log line (on the device)
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -181,6 +203,8 @@ class Trainer:
                 "step": self.state.step,
                 "epoch": self.state.epoch,
                 "batch_in_epoch": self.state.batch_in_epoch,
+                # losses of the steps since the last log line: the next line averages them all
+                "pending_losses": torch.stack(self._losses).cpu() if self._losses else None,
             },
             "rng": rng_state(),
         }
@@ -201,6 +225,8 @@ class Trainer:
             self.sparse.load_state_dict(state["sparse"])
         loop = state["loop"]
         self.state = TrainState(loop["step"], loop["epoch"], loop["batch_in_epoch"])
+        pending = loop.get("pending_losses")
+        self._losses = [] if pending is None else list(pending.to(self.device).unbind())
         set_rng_state(state["rng"])
 
     def save(self) -> None:
@@ -209,11 +235,18 @@ class Trainer:
             save_atomic(self.state_dict(), self.checkpoint_path)
 
     def maybe_resume(self) -> bool:
-        """Load the run's checkpoint when there is one."""
-        if not self.checkpoint_path.exists():
-            return False
-        self.load_state_dict(load_checkpoint(self.checkpoint_path, map_location=self.device))
-        return True
+        """Load the run's checkpoint when there is one; forget log records past it.
+
+        Steps after the checkpoint are trained again, so their records would appear twice.
+        """
+        found = self.checkpoint_path.exists()
+        if found:
+            self.load_state_dict(load_checkpoint(self.checkpoint_path, map_location=self.device))
+        if self.dist.is_main and self.log_path.exists():
+            lines = self.log_path.read_text().splitlines()
+            kept = [line for line in lines if _logged_step(line) <= self.state.step]
+            write_text(self.log_path, "".join(line + "\n" for line in kept))
+        return found
 
     # ----------------------------------------------------------------------------- data
     def _data(self) -> Iterator[Any]:
@@ -233,7 +266,7 @@ class Trainer:
                     yield batch
             report = getattr(self.task.dataset, "pop_skipped_report", lambda: None)()
             if report and self.dist.is_main:
-                tqdm.write(f"[{self.desc}] epoch {self.state.epoch}: {report}")
+                tqdm.write(f"[{self.desc}] epoch {self.state.epoch}: {report}", file=sys.stderr)
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
@@ -250,7 +283,6 @@ class Trainer:
             disable=not (self.dist.is_main and cfg.progress),
             dynamic_ncols=True,
         )
-        losses: list[torch.Tensor] = []
         tick = time.perf_counter()
         steps_since = 0
         self.model.train()
@@ -258,20 +290,23 @@ class Trainer:
             loss = self._optimizer_step(data)
             self.state.step += 1
             steps_since += 1
-            losses.append(loss)
+            self._losses.append(loss)
             bar.update(1)
             step = self.state.step
             if step % cfg.log_every == 0 or step == end:
                 rate = steps_since / max(time.perf_counter() - tick, 1e-9)
-                mean_loss = float(torch.stack(losses).mean())  # the only host sync for the loss
+                mean_loss = float(torch.stack(self._losses).mean())  # the only sync for the loss
                 if not math.isfinite(mean_loss) and self.amp_dtype is None:
-                    raise FloatingPointError(f"loss is {mean_loss} before step {step}")
+                    raise FloatingPointError(
+                        f"[{self.desc}] the loss became {mean_loss} by step {step}: the learning "
+                        "rate may be too high, or the noise schedule (diffusion.beta_*) broken"
+                    )
                 record = self._log(step, mean_loss, rate)
                 postfix = {"loss": f"{record['loss']:.4f}", "step/s": f"{rate:.2f}"}
                 if "density" in record:
                     postfix["density"] = f"{record['density']:.3f}"
                 bar.set_postfix(postfix)
-                losses, steps_since, tick = [], 0, time.perf_counter()
+                self._losses, steps_since, tick = [], 0, time.perf_counter()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end:
                 self.save()
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:

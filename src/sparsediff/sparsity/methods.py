@@ -1,0 +1,88 @@
+"""Sparse training methods as small objects, in a registry keyed by name.
+
+A method decides the initial layer densities (``plan``) and, if it updates masks, scores every
+unit of a layer for dropping and for growing; the engine and the granularity do the rest.
+Adding a method is one subclass and one entry in ``METHODS``.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .distributions import layer_densities
+from .granularity import Unstructured
+from .scores import LayerScores
+
+
+class Method:
+    """The base: random initial masks at the configured densities, never updated."""
+
+    name = ""
+    updates_masks = False  # True: drop and grow every ΔT steps with the two scores
+    needs_dense_grad = False  # the grow score reads the dense gradient (RigL)
+
+    def plan(
+        self,
+        shapes: Mapping[str, Sequence[int]],
+        granularity: Unstructured,
+        sparsity: float,
+        distribution: str,
+        erk_power_scale: float,
+    ) -> dict[str, int | None]:
+        """Active units per layer (None: dense)."""
+        densities = layer_densities(shapes, sparsity, distribution, erk_power_scale)
+        return granularity.plan(shapes, densities)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Dense(Method):
+    """The dense baseline through the same code path: all-True masks, ``sparsity`` ignored."""
+
+    name = "dense"
+
+    def plan(
+        self,
+        shapes: Mapping[str, Sequence[int]],
+        granularity: Unstructured,
+        sparsity: float,
+        distribution: str,
+        erk_power_scale: float,
+    ) -> dict[str, int | None]:
+        return dict.fromkeys(shapes)
+
+
+class Static(Method):
+    """Random initial masks that never change."""
+
+    name = "static"
+
+
+class MagRan(Method):
+    """Every ΔT steps drop the smallest magnitudes and grow uniformly at random."""
+
+    name = "magran"
+    updates_masks = True
+
+    def drop_score(self, layer: LayerScores) -> torch.Tensor:
+        """Per unit; the active units with the smallest scores are dropped."""
+        return layer.magnitude(layer.weight)
+
+    def grow_score(self, layer: LayerScores) -> torch.Tensor:
+        """Per unit; the inactive units with the largest scores are grown."""
+        return layer.random()
+
+
+class RigL(MagRan):
+    """MagRan that grows where the dense gradient is largest (Evci et al., 2020)."""
+
+    name = "rigl"
+    needs_dense_grad = True
+
+    def grow_score(self, layer: LayerScores) -> torch.Tensor:
+        assert layer.grad is not None  # the engine skips layers without a gradient
+        return layer.magnitude(layer.grad)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (Dense(), Static(), RigL(), MagRan())}
