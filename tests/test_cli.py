@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from sparsediff.cli import build_parser, main
@@ -12,10 +14,31 @@ def test_every_command_has_help(command, capsys):
     assert "usage: sparsediff " + command in out
 
 
-def test_train_help_lists_presets(capsys):
+def test_presets_lists_presets_and_studies(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "ldm-fashion-mnist" in out and "chirodiff-kanjivg" in out and "quick" in out
+
+
+def test_version_and_print_config(capsys):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["train", "--help"])
-    assert "ldm-fashion-mnist" in capsys.readouterr().out
+        build_parser().parse_args(["--version"])
+    assert capsys.readouterr().out.strip()
+    assert main(["train", "ldm-tiny", "--steps", "7", "--seed", "3", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["train"]["steps"] == 7 and cfg["seed"] == 3
+
+
+def test_train_starts_from_a_runs_config_json(tmp_path, capsys):
+    sets = ["--set", "train.progress=false", "--set", "data.max_train=24", "--threads", "1"]
+    run = tmp_path / "run"
+    assert main(["train", "chirodiff-tiny", "--run-dir", str(run), "--steps", "2", *sets]) == 0
+    out = capsys.readouterr().out
+    assert f"in {run}" in out and "finished at step 2" in out  # banner and summary
+    again = tmp_path / "again"
+    assert main(["train", str(run / "config.json"), "--run-dir", str(again), *sets]) == 0
+    a, b = (json.loads((d / "config.json").read_text())["config"] for d in (run, again))
+    assert a == b
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):

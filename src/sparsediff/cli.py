@@ -1,23 +1,57 @@
-"""Command line: ``sparsediff train | sample | evaluate | study | report``."""
+"""Command line: ``sparsediff train | sample | evaluate | export | presets | study | report``.
+
+Every command prints a line saying what it does and where it writes, progress bars while it
+works (stderr) and a short human summary at the end; the full records are files in the run or
+study directory (``--json`` also prints them). Errors are one line and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
-from sparsediff.config import CONFIG_DIR, absolute_paths, load_config, parse_override
+import sparsediff
+from sparsediff.config import (
+    absolute_paths,
+    list_presets,
+    list_studies,
+    load_config,
+    parse_override,
+    study_path,
+)
 from sparsediff.diffusion.samplers import SAMPLERS
 
 EPILOG = """\
 examples:
+  sparsediff presets
   sparsediff train ldm-fashion-mnist --set sparse.method=rigl --set sparse.sparsity=0.5
-  sparsediff train chirodiff-kanjivg --run-dir runs/kanji --resume
-  sparsediff sample runs/kanji --num 16 --sampler ddpm --out kanji.png
+  sparsediff train chirodiff-kanjivg --run-dir runs/kanji --steps 2000 --threads 2
+  sparsediff train runs/kanji/config.json --run-dir runs/kanji --resume
+  sparsediff sample runs/kanji --num 16 --sampler ddpm
   sparsediff evaluate runs/fmnist --num-samples 1000 --steps 50
-  sparsediff study configs/studies/quick.toml && sparsediff report studies/quick
+  sparsediff export runs/fmnist --out exported/fmnist
+  sparsediff study quick && sparsediff report studies/quick
 """
+# train shortcuts: flag -> config key
+SHORTCUTS = {
+    "device": "train.device",
+    "precision": "train.precision",
+    "seed": "seed",
+    "batch_size": "train.batch_size",
+    "steps": "train.steps",
+    "threads": "train.threads",
+}
+
+
+def _say(*lines: str) -> None:
+    """Print for a person, from one process only (rank 0 under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*lines, sep="\n", flush=True)
 
 
 def _default_run_dir(name: str, overrides: dict) -> Path:
@@ -33,17 +67,40 @@ def _sampling(args: argparse.Namespace) -> dict:
     return {"sampler": args.sampler, "steps": args.steps, "eta": args.eta}
 
 
+def _json(args: argparse.Namespace, data: Any) -> None:
+    if args.json:
+        _say(json.dumps(data, indent=2, default=str))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a run from a preset name or TOML path."""
+    """Train a run from a preset name, a TOML path or a run's config.json."""
+    overrides = dict(parse_override(o) for o in args.set)
+    for flag, key in SHORTCUTS.items():
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    cfg = load_config(args.config, absolute_paths(overrides))
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
     from sparsediff.pipelines import train
 
-    overrides = absolute_paths(dict(parse_override(o) for o in args.set))
-    if args.threads is not None:
-        overrides["train.threads"] = args.threads
-    cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg.name, overrides)
+    s = cfg.sparse
+    what = "dense" if s.method == "dense" else f"{s.method} at sparsity {s.sparsity:g}"
+    verb = "resuming" if args.resume else "training"
+    steps = cfg.train.steps
+    _say(f"{verb} {cfg.name or 'a run'} ({cfg.pipeline}, {what}, {steps} steps) in {run_dir}")
+    start = time.perf_counter()
     summary = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps({"run_dir": str(run_dir), **summary}, default=str))
+    done = summary["step"] >= cfg.train.steps
+    density = summary.get("sparse", {}).get("density")
+    _say(
+        f"{'finished' if done else 'stopped'} at step {summary['step']} in "
+        f"{time.perf_counter() - start:.0f} s"
+        + (f"; density {density:.3f}" if density is not None else "")
+        + (f"; samples {run_dir / 'samples.png'}" if done else "; resume with --resume")
+    )
+    _json(args, {"run_dir": str(run_dir), **summary})
     return 0
 
 
@@ -51,10 +108,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Sample a grid from a finished run."""
     from sparsediff.pipelines import write_samples
 
-    out = write_samples(
-        args.run_dir, args.out, args.num, seed=args.seed, device=args.device, **_sampling(args)
+    out = args.out or Path(args.run_dir) / f"samples-seed{args.seed}-n{args.num}.png"
+    _say(f"sampling {args.num} from {args.run_dir} into {out}")
+    path = write_samples(
+        args.run_dir,
+        out,
+        args.num,
+        seed=args.seed,
+        device=args.device,
+        progress=True,
+        **_sampling(args),
     )
-    print(out)
+    _say(f"wrote {path}")
     return 0
 
 
@@ -66,6 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.seed_range:
         start, _, stop = args.seed_range.partition(":")
         seeds = (int(start), int(stop))
+    _say(f"evaluating {args.run_dir} (records go into the run directory)")
     record = evaluate(
         args.run_dir,
         args.num_samples,
@@ -76,7 +142,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         **_sampling(args),
     )
-    print(json.dumps(record.get("metrics", record), indent=2, default=str))
+    if record.get("partial"):
+        _say(f"samples {seeds[0]}..{seeds[1] - 1} done; shards so far: {record['shards']}")
+    else:
+        m = record["metrics"]
+        _say(
+            f"FID {m['fid']:.2f}, KID {m['kid_mean']:.4f} ± {m['kid_std']:.4f}, precision "
+            f"{m['precision']:.3f}, recall {m['recall']:.3f} ({m['num_fake']} vs "
+            f"{m['num_real']} images); record: {record['record']}"
+        )
+    _json(args, record)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a finished run: a diffusers folder (LDM) or weights + config (ChiroDiff)."""
+    from sparsediff.pipelines.export import export_run
+
+    _say(f"exporting {args.run_dir} into {args.out}")
+    compact = args.compact or bool(args.dtype)
+    out = export_run(
+        args.run_dir, args.out, compact=compact, value_dtype=args.dtype, overwrite=args.overwrite
+    )
+    _say(f"wrote {out} (model card: {Path(out) / 'README.md'})")
+    _json(args, {"out": str(out)})
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """List the presets and the studies."""
+    for title, items in (
+        ("presets (sparsediff train NAME)", list_presets()),
+        ("studies (sparsediff study NAME)", list_studies()),
+    ):
+        width = max(map(len, items), default=0)
+        _say(f"{title}:", *(f"  {name:<{width}}  {about}" for name, about in items.items()))
     return 0
 
 
@@ -85,8 +185,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from sparsediff.study.sweep import run_study
 
     devices = args.devices.split(",") if args.devices else None
-    out = run_study(Path(args.study), Path(args.out) if args.out else None, devices)
-    print(out)
+    out = run_study(study_path(args.study), Path(args.out) if args.out else None, devices)
+    _say(f"study finished: {out} (sparsediff report {out})")
     return 0
 
 
@@ -94,42 +194,53 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write a study's Markdown report and plots."""
     from sparsediff.study.report import write_report
 
-    print(write_report(Path(args.study_dir)))
+    _say(f"wrote {write_report(Path(args.study_dir))}")
     return 0
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the epilog's layout and show every real default."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every option documented in ``--help``)."""
-    presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
     parser = argparse.ArgumentParser(
         prog="sparsediff",
         description="Sparse-to-sparse training of diffusion models (Static, RigL, MagRan, dense).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
     )
+    parser.add_argument("--version", action="version", version=sparsediff.__version__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: half the cores, at most 8; train: train.threads)",
+        help="torch CPU threads; unset: half the cores, at most 8 (train: train.threads)",
     )
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common.add_argument("--json", action="store_true", help="also print the full record")
 
-    p = sub.add_parser(
-        "train", help="train a run", description="Train a run from a preset.", parents=[common]
+    def command(name: str, about: str, func: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=about, description=about, parents=[common])
+        p.formatter_class = _Help
+        p.set_defaults(func=func)
+        return p
+
+    p = command("train", "train a run", cmd_train)
+    p.add_argument(
+        "config", help="preset name (see 'sparsediff presets'), a TOML path or a run's config.json"
     )
-    p.add_argument("config", help=f"preset name or TOML path; presets: {presets}")
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key (dotted, e.g. sparse.sparsity=0.75); repeatable; "
-        "see src/sparsediff/config.py for every key and its default",
+        help="override a config key (dotted, e.g. sparse.sparsity=0.75); repeatable; every key "
+        "and its default: 'sparsediff train PRESET --print-config'",
     )
-    p.add_argument("--run-dir", help="run directory (default runs/<preset>[-method][-sS])")
+    p.add_argument("--run-dir", help="run directory (unset: runs/<preset>[-method][-sS])")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -138,37 +249,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="delete the run in --run-dir and start again"
     )
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    for flag, key in SHORTCUTS.items():
+        if flag != "threads":
+            kind = {"device": str, "precision": str}.get(flag, int)
+            p.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=f"sets {key}")
 
-    p = sub.add_parser("sample", help="sample a grid from a finished run", parents=[common])
+    p = command("sample", "write a grid of samples from a finished run", cmd_sample)
     p.add_argument("run_dir", help="a finished run directory")
-    p.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: sample.*)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (network evaluations)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--num", type=int, default=16, help="number of samples")
+    p.add_argument("--sampler", choices=SAMPLERS, help="sampler (unset: the run's sample.sampler)")
+    p.add_argument("--steps", type=int, help="sampler steps (unset: the run's sample.steps)")
+    p.add_argument("--eta", type=float, help="DDIM eta (unset: the run's sample.eta)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--out", default="samples.png", help="output PNG (sketches also write SVGs)")
-    p.set_defaults(func=cmd_sample)
-
-    p = sub.add_parser(
-        "evaluate", help="FID/KID/precision/recall, parameters and FLOPs", parents=[common]
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--out", help="output PNG (unset: RUN_DIR/samples-seedS-nN.png); sketches add SVGs"
     )
+
+    p = command("export", "export a finished run (diffusers folder, model card)", cmd_export)
     p.add_argument("run_dir", help="a finished run directory")
-    p.add_argument("--num-samples", type=int, default=None, help="generated samples (eval.*)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta")
+    p.add_argument("--out", required=True, help="export folder")
+    p.add_argument(
+        "--compact", action="store_true", help="add model.compact.safetensors (masks + non-zeros)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp16", "bf16"),
+        help="compact values in 16 bits (lossy; implies --compact)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    p = command("evaluate", "FID/KID/precision/recall, parameters and FLOPs", cmd_evaluate)
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--num-samples", type=int, help="generated samples (unset: eval.num_samples)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="sampler (unset: eval.sampler)")
+    p.add_argument("--steps", type=int, help="sampler steps (unset: eval.steps)")
+    p.add_argument("--eta", type=float, help="DDIM eta (unset: eval.eta)")
     p.add_argument(
         "--ema",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="sample from the EMA weights (default) or the raw ones",
+        help="sample from the EMA weights or the raw ones (unset: eval.ema)",
     )
-    p.add_argument("--seed", type=int, default=None, help="first sample seed")
+    p.add_argument("--seed", type=int, help="sampling seed (unset: eval.seed)")
     p.add_argument(
         "--seed-range",
-        default=None,
         metavar="A:B",
         help="only generate samples A..B-1 (split a large evaluation; the metrics come when "
         "the ranges cover all samples)",
@@ -176,25 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size",
         type=int,
-        default=None,
-        help="samples per batch (default eval.batch_size); changes speed, never the samples",
+        help="samples per batch (unset: eval.batch_size); changes speed, never the samples",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser(
-        "study", help="run a sweep: datasets x methods x sparsity x p x seeds", parents=[common]
-    )
-    p.add_argument("study", help="study TOML (see configs/studies/)")
-    p.add_argument("--out", default=None, help="study directory (default from the TOML)")
-    p.add_argument("--devices", default=None, help="comma list, one run per device (cuda:0,...)")
-    p.set_defaults(func=cmd_study)
+    command("presets", "list the presets and the studies", cmd_presets)
 
-    p = sub.add_parser(
-        "report", help="write a study's Markdown report, plots and sample grids", parents=[common]
-    )
+    p = command("study", "run a sweep: datasets x methods x sparsity x p x seeds", cmd_study)
+    p.add_argument("study", help="study name (see 'sparsediff presets') or a study TOML path")
+    p.add_argument("--out", help="study directory (unset: the study's out_dir)")
+    p.add_argument("--devices", help="comma list, one run per device (cuda:0,...)")
+
+    p = command("report", "write a study's Markdown report, plots and sample grids", cmd_report)
     p.add_argument("study_dir", help="a study directory holding results.jsonl")
-    p.set_defaults(func=cmd_report)
     return parser
 
 

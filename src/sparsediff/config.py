@@ -423,10 +423,14 @@ def load_config(
     preset: str | Path | dict[str, Any] | None = None,
     overrides: dict[str, Any] | list[str] | None = None,
 ) -> RunConfig:
-    """Build a RunConfig from defaults, a preset (name, path or dict) and overrides."""
+    """Build a RunConfig from defaults, a preset (name, TOML path, a run's ``config.json`` or a
+    dict) and overrides."""
     cfg = RunConfig()
     if isinstance(preset, dict):
         table, where = preset, "config"
+    elif preset is not None and str(preset).endswith(".json"):  # a run's config.json
+        record = read_json(preset)
+        table, where = record.get("config", record), str(preset)
     elif preset is not None:
         path = preset_path(preset)
         try:

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .checks import as_uint8_images
 
@@ -23,6 +24,7 @@ def extract_features(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     name: str = "images",
+    progress: bool = False,
 ) -> Tensor:
     """Run ``feature_module`` over one image set and return (N, D) float64 features on CPU.
 
@@ -30,7 +32,8 @@ def extract_features(
     single (C, H, W) images; a tuple such as a DataLoader's ``(images, labels)`` uses its
     first element). Every image of one set must have the same (C, H, W); two sets may differ
     since the feature module resizes. ``feature_module`` is put in eval mode and moved to
-    ``device`` (default: where its parameters already are).
+    ``device`` (default: where its parameters already are). ``progress`` shows a bar named
+    ``name``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -38,6 +41,8 @@ def extract_features(
     feature_module.to(device).eval()
     batches = [images] if isinstance(images, Tensor) else images
     chunks: list[Tensor] = []
+    total = len(images) if isinstance(images, Tensor) else None
+    bar = tqdm(total=total, desc=name, unit="image", disable=not progress, dynamic_ncols=True)
     first_shape: tuple[int, ...] | None = None
     for i, batch in enumerate(batches):
         if isinstance(batch, tuple | list):
@@ -62,6 +67,8 @@ def extract_features(
                     f"{chunk.shape[0]}; expected (N, D)"
                 )
             chunks.append(feats.detach().to(device="cpu", dtype=torch.float64))
+            bar.update(len(chunk))
+    bar.close()
     if not chunks:
         raise ValueError(f"{name}: no images given")
     return torch.cat(chunks)

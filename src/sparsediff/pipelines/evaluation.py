@@ -249,9 +249,12 @@ def evaluate(
     device = str(next(denoiser.parameters()).device)
     cache = ReferenceCache(cache_dir or default_cache_dir())
     real = cache.get_or_compute(
-        key, lambda: extract_features(ref_images, features, batch_size, device)
+        key,
+        lambda: extract_features(
+            ref_images, features, batch_size, device, "reference features", progress
+        ),
     )
-    fake_features = extract_features(fake, features, batch_size, device)
+    fake_features = extract_features(fake, features, batch_size, device, "features", progress)
     metrics = compute_metrics(
         real,
         fake_features,
@@ -275,5 +278,5 @@ def evaluate(
         },
         "samples_grid": str(grid),
     }
-    write_json(run_dir / f"{plan.record_name()}.json", record)
-    return record
+    path = write_json(run_dir / f"{plan.record_name()}.json", record)
+    return {**record, "record": str(path)}

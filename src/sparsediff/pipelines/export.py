@@ -278,7 +278,8 @@ def model_card(
             "Same images as sparsediff for the same sample seeds, bit for bit on the CPU: at "
             "η = 0 with one generator per image as above; at any η draw one image per call "
             "after `torch.manual_seed(seed)`, passing no generator (LDMPipeline draws its DDIM "
-            "noise from the global generator).",
+            "noise from the global generator). Floats can differ by ~1e-6 between batch sizes "
+            "(CPU kernels), below one uint8 level.",
             "",
         ]
     if compact is not None:

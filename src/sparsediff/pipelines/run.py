@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 import sparsediff
@@ -29,10 +29,12 @@ from sparsediff.pipelines.registry import get_pipeline
 from sparsediff.training.checkpoint import load_checkpoint
 from sparsediff.training.distributed import Dist, barrier, setup
 from sparsediff.training.loop import Trainer, seed_stage
+from sparsediff.weights import load_weights, save_compact
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 WEIGHTS_FILE = "model.safetensors"  # the final (EMA) denoiser, loadable into the plain class
+COMPACT_WEIGHTS_FILE = "model.compact.safetensors"  # the same, as bit-masks + non-zeros
 SAMPLES_FILE = "samples.png"
 DONE_FILE = "done.json"
 
@@ -165,7 +167,9 @@ def train(
     state = trainer.train()
     summary: dict[str, Any] = {"step": state.step, **pipeline.summary()}
     if state.step >= cfg.train.steps and dist.is_main:
-        export_weights(trainer.ema.module if trainer.ema else trainer.model, run_dir / WEIGHTS_FILE)
+        final = trainer.ema.module if trainer.ema else trainer.model
+        export_weights(final, run_dir / WEIGHTS_FILE)
+        save_compact(final.state_dict(), run_dir / COMPACT_WEIGHTS_FILE)  # exact, fp32 values
         trainer.write_grid(run_dir / SAMPLES_FILE)
         if trainer.sparse is not None:
             summary["sparse"] = json.loads(json.dumps(trainer.sparse.stats(), default=str))
@@ -188,14 +192,15 @@ def load_run(
     pipeline.load(device)
     denoiser = pipeline.build_denoiser()
     if ema:
+        path = run_dir / WEIGHTS_FILE
+        if not path.exists() and (run_dir / COMPACT_WEIGHTS_FILE).exists():
+            path = run_dir / COMPACT_WEIGHTS_FILE  # the dense file may be dropped to save space
         try:
-            denoiser.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
+            denoiser.load_state_dict(load_weights(path))
         except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{run_dir / WEIGHTS_FILE} is missing: is the run finished?"
-            ) from None
+            raise FileNotFoundError(f"{path} is missing: is the run finished?") from None
         except Exception as err:  # safetensors' own error types: truncated or corrupt
-            raise ValueError(f"{run_dir / WEIGHTS_FILE}: not readable weights ({err})") from None
+            raise ValueError(f"{path}: not readable weights ({err})") from None
     else:
         denoiser.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_FILE)["model"])
     return pipeline, denoiser.to(device).eval()

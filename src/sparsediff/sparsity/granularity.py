@@ -64,10 +64,10 @@ class Unstructured:
         come back. Ties are broken by `torch.topk` (deterministic on one device kind).
         """
         kept = mask.reshape(-1).clone()
-        dropped = torch.topk(drop.masked_fill(~kept, math.inf), k, largest=False).indices
-        kept[dropped] = False
-        grown = torch.topk(grow.masked_fill(kept, -math.inf), k).indices
-        kept[grown] = True
+        dropped = torch.topk(drop.masked_fill(~kept, math.inf), k, largest=False, sorted=False)
+        kept[dropped.indices] = False
+        grown = torch.topk(grow.masked_fill(kept, -math.inf), k, sorted=False)
+        kept[grown.indices] = True
         return kept.view(mask.shape)
 
     def __repr__(self) -> str:

@@ -177,7 +177,8 @@ def parse_study(raw: dict[str, Any], name: str = "study", source: str = "") -> S
     methods = raw.get("methods", list(METHODS))
     bad = [m for m in methods if m not in METHODS] if isinstance(methods, list) else [methods]
     if bad or not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"{where}: methods must be distinct names from {METHODS}, got {methods!r}")
+        names = ", ".join(METHODS)
+        raise ValueError(f"{where}: methods must be distinct names from {names}, got {methods!r}")
     sparsities = _numbers(raw, "sparsities", [], float, where)
     prune_ratios = _numbers(raw, "prune_ratios", [], float, where)
     seeds = _numbers(raw, "seeds", [0], int, where)
