@@ -255,12 +255,8 @@ def evaluate(
         ),
     )
     fake_features = extract_features(fake, features, batch_size, device, "features", progress)
-    metrics = compute_metrics(
-        real,
-        fake_features,
-        kid_subset_size=min(e.kid_subset_size, len(real), len(fake_features)),
-        seed=plan.seed,
-    )
+    kid_subset_size = min(e.kid_subset_size, len(real), len(fake_features))
+    metrics = compute_metrics(real, fake_features, kid_subset_size=kid_subset_size, seed=plan.seed)
     grid = save_image_grid(fake[:16], run_dir / "eval-grid.png")
     record = {
         "metrics": metrics,
@@ -268,6 +264,7 @@ def evaluate(
         "protocol": {
             **plan.to_dict(),
             "reference": {**key, "size": len(ref_images)},
+            "kid_subset_size": kid_subset_size,
             "feature_network": {
                 "name": type(features).__name__,
                 "sha1": net_hash,
