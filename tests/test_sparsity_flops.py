@@ -15,6 +15,7 @@ def test_mlp_flops_against_analytic_counts():
         method="static",
         sparsity=0.5,
         distribution="uniform",
+        total_steps=100,
     )
     x = torch.randn(4, 16)
     report = flops.inference_flops(model, x, densities=sparse)
@@ -63,6 +64,7 @@ def test_structured_masks_count_by_layer_density(granularity):
         sparsity=0.5,
         distribution="uniform",
         granularity=granularity,
+        total_steps=100,
     )
     report = flops.inference_flops(model, torch.randn(4, 16), densities=sparse)
     f0, f2 = 2 * 4 * 16 * 32, 2 * 4 * 32 * 8

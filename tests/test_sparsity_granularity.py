@@ -174,9 +174,9 @@ def test_parse_granularity_and_nm_sparsity_rule():
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"^granularity must be"):
-        SparseTraining(model, opt, granularity="2-4")
+        SparseTraining(model, opt, granularity="2-4", total_steps=100)
     with pytest.raises(ValueError, match=r"^sparsity must be 0\.75"):
-        SparseTraining(model, opt, sparsity=0.5, granularity="1:4")
+        SparseTraining(model, opt, sparsity=0.5, granularity="1:4", total_steps=100)
     assert len(opt._optimizer_step_post_hooks) == 0
 
 
@@ -186,7 +186,9 @@ def test_sparse_config_granularity_reaches_the_engine_rules():
     rules = {k: v for k, v in vars(cfg).items() if k not in ("exclude", "include")}
     check_settings(**rules, prefix="sparse.")
     model = _net()
-    sparse = SparseTraining(model, torch.optim.SGD(model.parameters(), lr=0.1), **rules)
+    sparse = SparseTraining(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), **rules, total_steps=100
+    )
     assert sparse.granularity == "2:4" and SparseConfig().granularity == "unstructured"
     with pytest.raises(ValueError, match=r"^sparse\.granularity"):
         check_settings(**{**rules, "granularity": "rows"}, prefix="sparse.")
@@ -196,7 +198,11 @@ def test_nm_keeps_layers_it_cannot_structure_dense_and_reports_them():
     model = _net()
     with pytest.warns(UserWarning, match=r"conv_in\.weight"):
         sparse = SparseTraining(
-            model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, granularity="2:4"
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            sparsity=0.5,
+            granularity="2:4",
+            total_steps=100,
         )
     assert sparse.masks["conv_in.weight"].all()  # rows of 3*3*3 = 27 weights
     stats = sparse.stats()
@@ -314,7 +320,9 @@ class _Factored(torch.optim.Optimizer):
 def test_factored_optimizer_state_is_a_clear_error():
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
     opt = _Factored(model.parameters())
-    SparseTraining(model, opt, method="static", sparsity=0.5, distribution="uniform")
+    SparseTraining(
+        model, opt, method="static", sparsity=0.5, distribution="uniform", total_steps=100
+    )
     model(torch.randn(3, 4)).sum().backward()
     with pytest.raises(ValueError, match=r"_Factored keeps state 'row' of shape \(8,\)"):
         opt.step()
@@ -323,9 +331,13 @@ def test_factored_optimizer_state_is_a_clear_error():
 def test_load_state_dict_checks_granularity_and_reads_old_states():
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sparse = SparseTraining(model, opt, method="static", sparsity=0.5, granularity="channel")
+    sparse = SparseTraining(
+        model, opt, method="static", sparsity=0.5, granularity="channel", total_steps=100
+    )
     model2 = _net()
-    other = SparseTraining(model2, torch.optim.SGD(model2.parameters(), lr=0.1), method="static")
+    other = SparseTraining(
+        model2, torch.optim.SGD(model2.parameters(), lr=0.1), method="static", total_steps=100
+    )
     with pytest.raises(ValueError, match="granularity='channel'"):
         other.load_state_dict(sparse.state_dict())
     old = other.state_dict()

@@ -217,6 +217,7 @@ class TrainConfig(_Section):
     threads: int = 0  # torch CPU threads; 0 = half the cores, at most 8 (see docs/guarantees.md)
     stop_at: int = 0  # stop after this step as if interrupted (split a run into jobs); 0 = off
     progress: bool = True
+    tensorboard: bool = True  # event files in RUN_DIR/tensorboard/ when tensorboard is installed
 
 
 @dataclass

@@ -45,6 +45,7 @@ from sparsediff.sparsity.flops import (
     inference_flops,
     training_flops_per_step,
 )
+from sparsediff.training.tensorboard import log_scalars, stage_dir
 
 
 def default_cache_dir() -> Path:
@@ -276,4 +277,7 @@ def evaluate(
         "samples_grid": str(grid),
     }
     path = write_json(run_dir / f"{plan.record_name()}.json", record)
+    train = pipeline.cfg.train
+    if getattr(train, "tensorboard", True):  # beside the training curves, at the final step
+        log_scalars(stage_dir(run_dir), train.steps, metrics, f"{plan.record_name()}/")
     return {**record, "record": str(path)}

@@ -131,6 +131,7 @@ class LatentDiffusion(Pipeline):
             "num_workers",
             "device",
             "progress",
+            "tensorboard",
         )
         train_cfg = TrainConfig(
             steps=ae_cfg.steps,

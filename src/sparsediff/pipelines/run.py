@@ -81,6 +81,7 @@ RESUMABLE_CHANGES = (
     "train.device",
     "train.threads",
     "train.stop_at",
+    "train.tensorboard",
     "sample.",
     "eval.",
 )
@@ -148,6 +149,7 @@ def train(
     torch.set_num_threads(cfg.train.threads or default_threads())
     dist = setup(cfg.train.device)
     record = _claim_run_dir(cfg, run_dir, dist, resume, overwrite)
+    barrier(dist)  # every rank has looked at the directory before rank 0 writes into it
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32

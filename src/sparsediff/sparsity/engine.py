@@ -8,6 +8,10 @@ monkey-patched. All work happens in an optimizer step post-hook:
 2. on an update step of a method that updates masks, ask the method for drop and grow
    scores and the granularity for the new mask, then zero the weights, optimizer state and
    EMA entries that changed.
+
+The optimizer may be a wrapper that keeps the torch optimizer as ``.optimizer`` (accelerate's
+``AcceleratedOptimizer``); the EMA a copy of the model, a torch ``AveragedModel`` or an object
+with ``shadow_params`` (diffusers' ``EMAModel``).
 """
 
 import math
@@ -21,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from .distributions import DISTRIBUTIONS
 from .granularity import parse_granularity
@@ -43,7 +48,6 @@ class _Layer:
     fmask: torch.Tensor  # the mask in the parameter's dtype/layout, for the per-step multiply
     ever: torch.Tensor  # bool: ever active (in-time over-parameterisation)
     active: int  # number of True entries, kept on the host so no step needs a sync
-    ema: torch.Tensor | None
     units: tuple[int, ...] | None  # shape of the granularity's unit view; None: always dense
 
 
@@ -109,15 +113,54 @@ def _validate_config(config: Mapping[str, Any]) -> None:
     _check_int("seed", config["seed"], 0)
 
 
-def _ema_parameters(
-    ema: nn.Module | None, params: Mapping[str, nn.Parameter]
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers that keep it as ``.optimizer``.
+
+    accelerate's ``AcceleratedOptimizer`` subclasses ``Optimizer`` without initialising it (it
+    has no hooks of its own); its ``step`` calls the inner one's, or skips it (fp16 overflow,
+    gradient accumulation), so hooks on the inner optimizer fire exactly for real steps.
+    """
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(
+            "optimizer must be a torch.optim.Optimizer or a wrapper that holds one as "
+            f".optimizer, got {type(optimizer).__name__}"
+        )
+    return optimizer
+
+
+def _resolve_ema(
+    ema: Any, names: list[str], params: Mapping[str, nn.Parameter]
 ) -> dict[str, torch.Tensor]:
-    """The EMA model's tensors for every maskable name (validated, nothing touched)."""
+    """The EMA's tensor for every maskable name (validated, nothing touched).
+
+    ``ema`` is a copy of the model with its parameter names, a torch ``AveragedModel`` (whose
+    ``.module`` is such a copy) or an object with ``shadow_params`` (diffusers' ``EMAModel``): a
+    list of tensors in ``model.parameters()`` order, matched to ``names`` (all of the model's
+    parameter names, in that order) by position. Looked up afresh on every use, since
+    ``EMAModel.to()`` and ``load_state_dict()`` replace the list.
+    """
     if ema is None:
         return {}
-    if not isinstance(ema, nn.Module):
-        raise ValueError(f"ema must be an nn.Module with the parameter names of model, got {ema!r}")
-    named = dict(unwrap(ema).named_parameters())
+    if isinstance(ema, AveragedModel):
+        ema = ema.module
+    if isinstance(ema, nn.Module):
+        named = dict(unwrap(ema).named_parameters())
+    elif isinstance(getattr(ema, "shadow_params", None), list | tuple):
+        shadow = ema.shadow_params
+        if len(shadow) != len(names):
+            raise ValueError(
+                f"ema.shadow_params holds {len(shadow)} tensors but model has {len(names)} "
+                "parameters; build the EMA from model.parameters()"
+            )
+        named = dict(zip(names, shadow))
+    else:
+        raise ValueError(
+            "ema must be a copy of model (an nn.Module with its parameter names), a "
+            "torch.optim.swa_utils.AveragedModel or an EMA with shadow_params (diffusers' "
+            f"EMAModel), got {type(ema).__name__}"
+        )
     for name, param in params.items():
         if name not in named or named[name].shape != param.shape:
             raise ValueError(
@@ -136,7 +179,8 @@ class SparseTraining:
 
     Args:
         model: the model (or its DDP/DataParallel wrapper; names are the inner module's).
-        optimizer: the optimizer that holds every maskable parameter of ``model``.
+        optimizer: the optimizer that holds every maskable parameter of ``model``, or a
+            wrapper that keeps it as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``).
         method: a name in ``METHODS``: ``"dense"`` (all-True masks, ``sparsity`` ignored),
             ``"static"`` (masks never change), ``"rigl"`` (grow by dense-gradient magnitude)
             or ``"magran"`` (grow uniformly at random).
@@ -146,10 +190,12 @@ class SparseTraining:
         update_interval: ΔT, optimizer steps between mask updates (>= 1).
         prune_ratio: p, fraction of a layer's active weights swapped per update, in (0, 1].
         prune_schedule: decay of p: ``"constant"``, ``"cosine"`` or ``"linear"``.
-        total_steps: planned optimizer steps of the run.
+        total_steps: planned optimizer steps of the run (required: the schedule ends at
+            ``stop_fraction * total_steps``).
         stop_fraction: no mask updates after ``stop_fraction * total_steps`` steps.
         erk_power_scale: exponent on the ER/ERK scale (0 gives uniform).
-        ema: an EMA copy of ``model`` (same parameter names) kept exactly as sparse.
+        ema: kept exactly as sparse as ``model``: an EMA copy of it (same parameter names),
+            a torch ``AveragedModel`` or diffusers' ``EMAModel`` (``shadow_params``).
         seed: seeds the initial masks and MagRan's growth, with the step and layer index.
         exclude: glob patterns of parameter names kept dense (e.g. ``"conv_in.*"``).
         include: glob patterns of extra parameter names to make sparse.
@@ -161,16 +207,17 @@ class SparseTraining:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
+        *,
         method: str = "rigl",
         sparsity: float = 0.5,
         distribution: str = "erk",
         update_interval: int = 100,
         prune_ratio: float = 0.05,
         prune_schedule: str = "cosine",
-        total_steps: int = 100_000,
+        total_steps: int,
         stop_fraction: float = 0.75,
         erk_power_scale: float = 1.0,
-        ema: nn.Module | None = None,
+        ema: Any = None,
         seed: int = 0,
         exclude: str | Iterable[str] = (),
         include: str | Iterable[str] | None = None,
@@ -193,10 +240,7 @@ class SparseTraining:
         _validate_config(config)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+        optimizer = _torch_optimizer(optimizer)
         params = select_parameters(model, include, exclude)
         if not params:
             raise ValueError(
@@ -209,13 +253,16 @@ class SparseTraining:
             raise ValueError(
                 f"optimizer must hold every maskable parameter of model; missing {missing[:5]}"
             )
-        ema_params = _ema_parameters(ema, params)
+        names = [name for name, _ in unwrap(model).named_parameters()]
+        _resolve_ema(ema, names, params)
 
         self._config = config
         self._method = METHODS[method]
         self._granularity = parse_granularity(granularity)
         self._model = unwrap(model)
         self._optimizer = optimizer
+        self._ema = ema
+        self._names = names
         self._step = 0
         self._last: dict[str, Any] = _no_update(list(params))
         shapes = {name: tuple(p.shape) for name, p in params.items()}
@@ -239,9 +286,7 @@ class SparseTraining:
                 chosen = self._granularity.random_units(units, plan[name], generator)
                 mask = self._granularity.expand(chosen, param.shape)
             mask = mask.to(param.device)
-            layer = _Layer(
-                name, index, param, mask, mask, mask.clone(), 0, ema_params.get(name), units
-            )
+            layer = _Layer(name, index, param, mask, mask, mask.clone(), 0, units)
             self._layers.append(layer)
             self._refresh(layer)
         self._apply_masks()
@@ -342,6 +387,7 @@ class SparseTraining:
         """
         start = time.perf_counter()
         method, granularity = self._method, self._granularity
+        emas = self._ema_tensors()
         dropped: dict[str, int] = {}
         grown: dict[str, int] = {}
         for layer in self._layers:
@@ -373,8 +419,8 @@ class SparseTraining:
             param.masked_fill_(changed, 0)
             for state in self._optimizer_state(layer):
                 state.masked_fill_(changed.to(state.device), 0)
-            if layer.ema is not None:  # EMA follows the live value at every changed entry
-                ema = layer.ema
+            if layer.name in emas:  # EMA follows the live value at every changed entry
+                ema = emas[layer.name]
                 ema.copy_(torch.where(changed.to(ema.device), param.to(ema.device), ema))
             dropped[layer.name], grown[layer.name] = int(lost.sum()), int(gained.sum())
         if any(layer.param.is_cuda for layer in self._layers):
@@ -388,6 +434,11 @@ class SparseTraining:
         }
 
     # ------------------------------------------------------------------ masking helpers
+    def _ema_tensors(self) -> dict[str, torch.Tensor]:
+        """The EMA's maskable tensors by name, empty without an EMA."""
+        params = {layer.name: layer.param for layer in self._layers}
+        return _resolve_ema(self._ema, self._names, params)
+
     def _numel(self) -> int:
         return sum(layer.mask.numel() for layer in self._layers)
 
@@ -405,11 +456,13 @@ class SparseTraining:
         self._hot_layers = sparse
         self._hot_params = [layer.param for layer in sparse]
         self._hot_masks = [layer.fmask for layer in sparse]
+        emas = self._ema_tensors()
         with torch.no_grad():
             for layer in sparse:
                 layer.param.mul_(layer.fmask)
-                if layer.ema is not None:
-                    layer.ema.mul_(layer.mask.to(layer.ema.device, layer.ema.dtype))
+                if layer.name in emas:
+                    ema = emas[layer.name]
+                    ema.mul_(layer.mask.to(ema.device, ema.dtype))
 
     # ------------------------------------------------------------------ public API
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

@@ -3,7 +3,7 @@
 A pipeline hands the loop a :class:`Task` (a model, a dataset, a loss and optionally a grid writer);
 the loop owns everything else: the optimizer (AdamW), the sparse engine, EMA, mixed precision,
 gradient accumulation and clipping, DDP, the resumable data order, atomic checkpoints, logging to
-``metrics.jsonl``, the progress bar and periodic sample grids.
+``metrics.jsonl`` (and TensorBoard), the progress bar and periodic sample grids.
 
 Resume is exact: the checkpoint holds the model, EMA, optimizer, grad scaler, sparse masks and
 schedule, global RNG, the data position and the step; per-step noise comes from a generator
@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from sparsediff.sparsity import SparseTraining
 from sparsediff.training.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from sparsediff.training.distributed import Dist, all_mean
 from sparsediff.training.ema import EMA
+from sparsediff.training.tensorboard import EventLog, stage_dir
 
 LossFn = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]
 GridFn = Callable[[nn.Module, Path], None]
@@ -156,6 +158,10 @@ class Trainer:
         self.desc = desc
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        # the same records as metrics.jsonl, per stage (desc); rank 0 only, off without the package
+        tensorboard = dist.is_main and cfg.tensorboard
+        self.events = EventLog(stage_dir(self.run_dir, desc) if tensorboard else None)
+        weakref.finalize(self, self.events.close)  # teardown: flush and close with the trainer
         self.device = dist.device
         self.model = task.model.to(self.device)
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if task.use_ema else None
@@ -246,6 +252,7 @@ class Trainer:
             lines = self.log_path.read_text().splitlines()
             kept = [line for line in lines if _logged_step(line) <= self.state.step]
             write_text(self.log_path, "".join(line + "\n" for line in kept))
+        self.events.resume_at(self.state.step)
         return found
 
     # ----------------------------------------------------------------------------- data
@@ -367,6 +374,9 @@ class Trainer:
         if self.dist.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.events.scalars(
+                step, {k: v for k, v in record.items() if k not in ("step", "time")}, "train/"
+            )
         return record
 
     @torch.no_grad()
@@ -379,4 +389,5 @@ class Trainer:
         model.eval()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.task.write_grid(model, path)
+        self.events.image("samples", path, self.state.step)
         model.train(was_training)
