@@ -2,22 +2,10 @@
 
 import pytest
 import torch
-from torch import nn
-
-from sparsediff.sparsity import SparseTraining
+from sparse_helpers import loss, make_sparse, mlp
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-
-RIGL = {
-    "method": "rigl",
-    "sparsity": 0.7,
-    "update_interval": 2,
-    "prune_ratio": 0.3,
-    "prune_schedule": "constant",
-    "total_steps": 20,
-    "stop_fraction": 1.0,
-}
 
 
 @pytest.fixture()
@@ -26,19 +14,6 @@ def make_accelerator(single_thread):
     yield accelerate.Accelerator
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-
-
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 4)
-    )
-
-
-def _loss(model, step, scale=1.0):
-    g = torch.Generator().manual_seed(1000 + step)
-    x, y = torch.randn(16, 12, generator=g), torch.randn(16, 4, generator=g)
-    return (model(x) - y).pow(2).mean() * scale
 
 
 def _check_sparse(model, opt, sparse):
@@ -53,7 +28,7 @@ def _check_sparse(model, opt, sparse):
 def test_accelerated_optimizer_trains_like_the_plain_one(make_accelerator):
     runs = []
     for wrap in (False, True):
-        model = _mlp()
+        model = mlp()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         backward = torch.Tensor.backward
         if wrap:
@@ -61,10 +36,10 @@ def test_accelerated_optimizer_trains_like_the_plain_one(make_accelerator):
             model, opt = accelerator.prepare(model, opt)
             assert type(opt).__name__ == "AcceleratedOptimizer"
             backward = accelerator.backward
-        sparse = SparseTraining(model, opt, **RIGL)  # the wrapper, not opt.optimizer
+        sparse = make_sparse(model, opt)  # the wrapper, not opt.optimizer
         for step in range(1, 7):
             opt.zero_grad()
-            backward(_loss(model, step))
+            backward(loss(model, step))
             opt.step()
             _check_sparse(model, opt, sparse)
         stats = sparse.stats()
@@ -80,13 +55,13 @@ def test_fp16_overflow_skipped_step_is_not_counted(make_accelerator, fused):
     accelerator = make_accelerator()
     # What Accelerator(mixed_precision="fp16") sets up on a GPU; a CPU scaler takes the same path.
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    model = _mlp()
+    model = mlp()
     model, opt = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), fused=fused))
-    sparse = SparseTraining(model, opt, **RIGL)
+    sparse = make_sparse(model, opt)
 
     def step(number, scale=1.0):
         opt.zero_grad()
-        accelerator.backward(_loss(model, number, scale))
+        accelerator.backward(loss(model, number, scale))
         opt.step()
 
     step(1)
@@ -105,12 +80,12 @@ def test_fp16_overflow_skipped_step_is_not_counted(make_accelerator, fused):
 
 def test_gradient_accumulation_counts_optimizer_steps(make_accelerator):
     accelerator = make_accelerator(gradient_accumulation_steps=3)
-    model = _mlp()
+    model = mlp()
     model, opt = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05))
-    sparse = SparseTraining(model, opt, **RIGL)
+    sparse = make_sparse(model, opt)
     for micro in range(12):
         with accelerator.accumulate(model):
-            accelerator.backward(_loss(model, micro))
+            accelerator.backward(loss(model, micro))
             opt.step()  # a no-op until the 3rd micro-batch
             opt.zero_grad()
     assert sparse.step == 4 and sparse.stats()["last_update_step"] == 4

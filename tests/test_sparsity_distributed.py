@@ -4,10 +4,9 @@ import gc
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from sparse_helpers import make_sparse
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-
-from sparsediff.sparsity import SparseTraining
 
 
 def _worker(rank, world, init_file, out_dir):
@@ -37,16 +36,8 @@ def _train_and_check(rank):
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
         ddp = DistributedDataParallel(model)
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
-        sparse = SparseTraining(
-            ddp,
-            opt,
-            method=method,
-            sparsity=0.7,
-            update_interval=2,
-            prune_ratio=0.3,
-            total_steps=10,
-            stop_fraction=1.0,
-            seed=5,
+        sparse = make_sparse(
+            ddp, opt, method=method, prune_schedule="cosine", total_steps=10, seed=5
         )
         data = torch.Generator().manual_seed(100 + rank)  # every rank sees other data
         for _ in range(6):

@@ -1,12 +1,12 @@
 """EMA objects the engine keeps exactly as sparse as the model: a copy of the model, diffusers'
 `EMAModel` (a list of shadow tensors) and torch's `AveragedModel` (a module around a copy)."""
 
-import io
 from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers.training_utils import EMAModel
+from sparse_helpers import make_sparse, mlp, saved_and_loaded, train_step
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -14,13 +14,6 @@ from sparsediff.sparsity import SparseTraining
 from sparsediff.training.ema import EMA
 
 KINDS = ["module", "EMAModel", "AveragedModel"]
-
-
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 4)
-    )
 
 
 def _ema(kind, model):
@@ -53,32 +46,16 @@ def _ema(kind, model):
 
 
 def _make(kind, seed=0):
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ema = _ema(kind, model)
-    sparse = SparseTraining(
-        model,
-        opt,
-        method="rigl",
-        sparsity=0.7,
-        update_interval=2,
-        prune_ratio=0.3,
-        prune_schedule="constant",
-        total_steps=20,
-        stop_fraction=1.0,
-        ema=ema.arg,
-        seed=seed,
-    )
+    sparse = make_sparse(model, opt, ema=ema.arg, seed=seed)
     return model, opt, ema, sparse
 
 
 def _train(model, opt, ema, steps):
     for step in steps:
-        g = torch.Generator().manual_seed(1000 + step)
-        x, y = torch.randn(16, 12, generator=g), torch.randn(16, 4, generator=g)
-        opt.zero_grad()
-        (model(x) - y).pow(2).mean().backward()
-        opt.step()
+        train_step(model, opt, step)
         ema.update()
 
 
@@ -113,18 +90,14 @@ def test_resume_with_ema_is_exact(single_thread, kind):
 
     model2, opt2, ema2, sparse2 = _make(kind)
     _train(model2, opt2, ema2, range(1, 4))
-    buf = io.BytesIO()
-    torch.save(
+    ckpt = saved_and_loaded(
         {
             "model": model2.state_dict(),
             "opt": opt2.state_dict(),
             "ema": ema2.holder.state_dict(),
             "sparse": sparse2.state_dict(),
-        },
-        buf,
+        }
     )
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
     model3, opt3, ema3, sparse3 = _make(kind, seed=99)  # other masks
     model3.load_state_dict(ckpt["model"])
     opt3.load_state_dict(ckpt["opt"])
@@ -139,7 +112,7 @@ def test_resume_with_ema_is_exact(single_thread, kind):
 
 
 def test_ema_objects_that_do_not_fit_the_model_are_refused():
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="shadow_params holds 2 tensors"):
         SparseTraining(model, opt, total_steps=10, ema=EMAModel(model[0].parameters()))

@@ -1,41 +1,20 @@
-import io
-
 import pytest
 import torch
 from scipy import stats as scipy_stats
+from sparse_helpers import (
+    GOOD_SETTINGS,
+    batch,
+    linear_engine,
+    make_sparse,
+    mlp,
+    saved_and_loaded,
+    step_by_hand,
+    train_step,
+)
 from torch import nn
 
 from sparsediff.sparsity import SparseTraining, check_settings
 from sparsediff.sparsity.granularity import Unstructured
-
-
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 4)
-    )
-
-
-def _batch(step):
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(16, 12, generator=g), torch.randn(16, 4, generator=g)
-
-
-def _train_step(model, opt, step, ema=None, scaler=None):
-    x, y = _batch(step)
-    opt.zero_grad(set_to_none=True)
-    loss = (model(x) - y).pow(2).mean()
-    if scaler is None:
-        loss.backward()
-        opt.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    if ema is not None:
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.mul_(0.9).add_(p, alpha=0.1)
 
 
 def _params(model):
@@ -61,26 +40,16 @@ class _Recorder:
 
 @pytest.mark.parametrize("method", ["rigl", "magran"])
 def test_density_exact_and_drop_grow_sets(method):
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     rec = _Recorder(model, opt)
-    sparse = SparseTraining(
-        model,
-        opt,
-        method=method,
-        sparsity=0.7,
-        update_interval=2,
-        prune_ratio=0.3,
-        prune_schedule="constant",
-        total_steps=20,
-        stop_fraction=1.0,
-    )
+    sparse = make_sparse(model, opt, method=method)
     rec.masks = sparse.masks
     start = {n: int(m.sum()) for n, m in sparse.masks.items()}
     params = _params(model)
     regrown = 0
     for step in range(1, 13):
-        _train_step(model, opt, step)
+        train_step(model, opt, step)
         changes = 0
         for name, mask in sparse.masks.items():
             weight, grad, before = rec.snaps[-1][name]
@@ -134,28 +103,18 @@ def test_select_grows_among_all_inactive_after_the_drop():
 
 def test_one_rigl_update_by_hand():
     # 8 weights, 4 active; p = 0.7 gives k = floor(0.7 * 4) = 2 (rounding would give 3).
-    model = nn.Linear(4, 2, bias=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)  # lr 0: weights stay put
-    sparse = SparseTraining(
-        model,
-        opt,
-        method="rigl",
-        sparsity=0.5,
-        update_interval=1,
-        prune_ratio=0.7,
-        prune_schedule="constant",
-        total_steps=10,
-        stop_fraction=1.0,
-    )
-    state = sparse.state_dict()
-    state["masks"]["weight"] = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
-    sparse.load_state_dict(state)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([[0.1, -0.2, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]]))
+    model, opt, sparse = linear_engine(4, 2, momentum=0.9, prune_ratio=0.7, total_steps=10)
     # drop entries 0 and 1 (|w| 0.1, 0.2); of all inactive after the drop the largest |grad|
     # are entry 0 (just dropped: regrown, keeps 0.1) and entry 4 (new: starts at 0)
-    model.weight.grad = torch.tensor([[5.0, 0.0, 0.0, 0.0], [-4.0, 1.0, 2.0, 0.5]])
-    opt.step()
+    step_by_hand(
+        model,
+        opt,
+        sparse,
+        sparse.state_dict(),
+        mask=torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool),
+        weight=torch.tensor([[0.1, -0.2, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]]),
+        grad=torch.tensor([[5.0, 0.0, 0.0, 0.0], [-4.0, 1.0, 2.0, 0.5]]),
+    )
     expected = torch.tensor([[1, 0, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(sparse.masks["weight"], expected)
     assert torch.equal(model.weight, torch.tensor([[0.1, 0.0, 3.0, 4.0], [0.0] * 4]))
@@ -166,19 +125,8 @@ def test_one_rigl_update_by_hand():
 
 
 def test_magran_growth_is_uniform():
-    model = nn.Linear(1, 64, bias=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    sparse = SparseTraining(
-        model,
-        opt,
-        method="magran",
-        sparsity=0.5,
-        update_interval=1,
-        prune_ratio=0.25,
-        prune_schedule="constant",
-        total_steps=400,
-        stop_fraction=1.0,
-        seed=3,
+    model, opt, sparse = linear_engine(
+        1, 64, method="magran", prune_ratio=0.25, total_steps=400, seed=3
     )
     mask = sparse.masks["weight"]
     grown = torch.zeros(64)
@@ -206,23 +154,13 @@ def test_magran_growth_is_uniform():
 
 
 def _check_state_zeroed(opt_factory):
-    model = _mlp()
+    model = mlp()
     opt = opt_factory(model.parameters())
     rec = _Recorder(model, opt)
-    sparse = SparseTraining(
-        model,
-        opt,
-        method="rigl",
-        sparsity=0.7,
-        update_interval=3,
-        prune_ratio=0.3,
-        prune_schedule="constant",
-        total_steps=10,
-        stop_fraction=1.0,
-    )
+    sparse = make_sparse(model, opt, update_interval=3, total_steps=10)
     rec.masks = sparse.masks
     for step in range(1, 4):
-        _train_step(model, opt, step)
+        train_step(model, opt, step)
     params = _params(model)
     for name, mask in sparse.masks.items():
         before = rec.snaps[-1][name][2]
@@ -262,13 +200,13 @@ def test_optimizer_state_zeroed_at_changed_positions(opt_factory):
     ],
 )
 def test_masked_weights_stay_zero(opt_factory):
-    model = _mlp()
+    model = mlp()
     opt = opt_factory(model.parameters())
     sparse = SparseTraining(model, opt, method="static", sparsity=0.6, total_steps=100)
     masks = {n: m.clone() for n, m in sparse.masks.items()}
     params = _params(model)
     for step in range(1, 6):
-        _train_step(model, opt, step)
+        train_step(model, opt, step)
         for name, mask in masks.items():
             assert torch.equal(sparse.masks[name], mask)  # static: masks never change
             assert torch.all(params[name][~mask] == 0)
@@ -278,33 +216,24 @@ def test_masked_weights_stay_zero(opt_factory):
 
 
 def test_ema_is_exactly_as_sparse_as_model():
-    model, ema = _mlp(), _mlp(seed=1)
+    model, ema = mlp(), mlp(seed=1)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sparse = SparseTraining(
-        model,
-        opt,
-        method="magran",
-        sparsity=0.75,
-        update_interval=2,
-        prune_ratio=0.5,
-        prune_schedule="constant",
-        total_steps=10,
-        stop_fraction=1.0,
-        ema=ema,
+    sparse = make_sparse(
+        model, opt, method="magran", sparsity=0.75, prune_ratio=0.5, total_steps=10, ema=ema
     )
     ema_params, params = _params(ema), _params(model)
     for name, mask in sparse.masks.items():  # zeroed at construction
         assert torch.equal(ema_params[name] != 0, mask)
     for step in range(1, 9):
-        _train_step(model, opt, step, ema=ema)
+        train_step(model, opt, step, ema=ema)
         for name, mask in sparse.masks.items():
             assert torch.all(ema_params[name][~mask] == 0)
             assert torch.equal(ema_params[name] == 0, params[name] == 0)
 
 
 def test_dense_method_same_path():
-    model = _mlp()
+    model = mlp()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     sparse = SparseTraining(
@@ -313,33 +242,23 @@ def test_dense_method_same_path():
     assert all(bool(m.all()) for m in sparse.masks.values())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     for step in range(1, 4):
-        _train_step(model, opt, step)
+        train_step(model, opt, step)
     stats = sparse.stats()
     assert stats["density"] == 1.0 and stats["step"] == 3 and stats["last_update_step"] is None
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_skipped_amp_step_changes_nothing(fused):
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    sparse = SparseTraining(
-        model,
-        opt,
-        method="rigl",
-        sparsity=0.7,
-        update_interval=3,
-        prune_ratio=0.3,
-        prune_schedule="constant",
-        total_steps=10,
-        stop_fraction=1.0,
-    )
+    sparse = make_sparse(model, opt, update_interval=3, total_steps=10)
     for step in range(1, 3):
-        _train_step(model, opt, step, scaler=scaler)
+        train_step(model, opt, step, scaler=scaler)
     masks = {n: m.clone() for n, m in sparse.masks.items()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     # step 3 would be an update step: make its gradient non-finite
-    x, _ = _batch(3)
+    x, _ = batch(3)
     opt.zero_grad()
     scaler.scale(model(x).sum() * float("inf")).backward()
     scaler.step(opt)
@@ -347,7 +266,7 @@ def test_skipped_amp_step_changes_nothing(fused):
     assert sparse.step == 2
     assert all(torch.equal(sparse.masks[n], m) for n, m in masks.items())
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
-    _train_step(model, opt, 3, scaler=scaler)  # the next good step is the update
+    train_step(model, opt, 3, scaler=scaler)  # the next good step is the update
     assert sparse.step == 3 and sparse.stats()["last_update_step"] == 3
 
 
@@ -355,20 +274,11 @@ def test_skipped_amp_step_changes_nothing(fused):
 def test_grad_scaler_gives_same_masks_as_unscaled(fused):
     runs = []
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
-        model = _mlp()
+        model = mlp()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
-        sparse = SparseTraining(
-            model,
-            opt,
-            method="rigl",
-            sparsity=0.7,
-            update_interval=2,
-            prune_ratio=0.3,
-            total_steps=10,
-            stop_fraction=1.0,
-        )
+        sparse = make_sparse(model, opt, prune_schedule="cosine", total_steps=10)
         for step in range(1, 7):
-            _train_step(model, opt, step, scaler=scaler)
+            train_step(model, opt, step, scaler=scaler)
         runs.append({n: m.clone() for n, m in sparse.masks.items()})
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
 
@@ -376,16 +286,13 @@ def test_grad_scaler_gives_same_masks_as_unscaled(fused):
 @pytest.mark.parametrize("method", ["rigl", "magran"])
 def test_resume_is_bit_exact(method):
     def make(seed=7):
-        model, ema = _mlp(), _mlp()
+        model, ema = mlp(), mlp()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        sparse = SparseTraining(
+        sparse = make_sparse(
             model,
             opt,
             method=method,
-            sparsity=0.7,
-            update_interval=2,
-            prune_ratio=0.3,
-            total_steps=20,
+            prune_schedule="cosine",
             stop_fraction=0.75,
             ema=ema,
             seed=seed,
@@ -394,23 +301,19 @@ def test_resume_is_bit_exact(method):
 
     model, ema, opt, sparse = make()
     for step in range(1, 13):
-        _train_step(model, opt, step, ema=ema)
+        train_step(model, opt, step, ema=ema)
 
     model2, ema2, opt2, sparse2 = make()
     for step in range(1, 6):
-        _train_step(model2, opt2, step, ema=ema2)
-    buf = io.BytesIO()
-    torch.save(
+        train_step(model2, opt2, step, ema=ema2)
+    ckpt = saved_and_loaded(
         {
             "model": model2.state_dict(),
             "ema": ema2.state_dict(),
             "opt": opt2.state_dict(),
             "sparse": sparse2.state_dict(),
-        },
-        buf,
+        }
     )
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
     model3, ema3, opt3, sparse3 = make(seed=99)  # fresh objects, other masks and seed
     model3.load_state_dict(ckpt["model"])
     ema3.load_state_dict(ckpt["ema"])
@@ -418,7 +321,7 @@ def test_resume_is_bit_exact(method):
     sparse3.load_state_dict(ckpt["sparse"])
     assert sparse3.step == 5
     for step in range(6, 13):
-        _train_step(model3, opt3, step, ema=ema3)
+        train_step(model3, opt3, step, ema=ema3)
     for a, b in ((model, model3), (ema, ema3)):
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert all(torch.equal(sparse.masks[n], sparse3.masks[n]) for n in sparse.masks)
@@ -428,12 +331,12 @@ def test_resume_is_bit_exact(method):
 
 
 def test_load_state_dict_reapplies_masks():
-    model = _mlp()
+    model = mlp()
     sparse = SparseTraining(
         model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.8, total_steps=100
     )
     state = sparse.state_dict()
-    fresh, fresh_ema = _mlp(seed=5), _mlp(seed=6)
+    fresh, fresh_ema = mlp(seed=5), mlp(seed=6)
     other = SparseTraining(
         fresh,
         torch.optim.SGD(fresh.parameters(), lr=0.1),
@@ -452,10 +355,10 @@ def test_load_state_dict_reapplies_masks():
 
 
 def test_load_state_dict_rejects_other_method():
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     state = SparseTraining(model, opt, method="static", total_steps=100).state_dict()
-    model2 = _mlp()
+    model2 = mlp()
     other = SparseTraining(
         model2, torch.optim.SGD(model2.parameters(), lr=0.1), method="rigl", total_steps=100
     )
@@ -464,10 +367,10 @@ def test_load_state_dict_rejects_other_method():
 
 
 def test_clip_grad_norm_counts_active_entries_only():
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sparse = SparseTraining(model, opt, method="rigl", sparsity=0.8, total_steps=100)
-    x, y = _batch(0)
+    x, y = batch(0)
     (model(x) - y).pow(2).mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     expected = torch.linalg.vector_norm(
@@ -485,7 +388,7 @@ def test_clip_grad_norm_counts_active_entries_only():
 
 
 def test_masks_are_read_only_and_remove_detaches():
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sparse = SparseTraining(model, opt, method="static", sparsity=0.5, total_steps=100)
     with pytest.raises(TypeError):
@@ -494,7 +397,7 @@ def test_masks_are_read_only_and_remove_detaches():
     sparse.remove()
     sparse.remove()  # safe to call twice
     assert len(opt._optimizer_step_post_hooks) == 0
-    _train_step(model, opt, 1)
+    train_step(model, opt, 1)
     assert sparse.step == 0
     assert sparse.verify_consistent() is True  # not distributed: a no-op
 
@@ -525,7 +428,7 @@ def _bad(**overrides):
     ],
 )
 def test_bad_input_raises_and_touches_nothing(kwargs, argument):
-    model = _mlp()
+    model = mlp()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=argument):
@@ -535,7 +438,7 @@ def test_bad_input_raises_and_touches_nothing(kwargs, argument):
 
 
 def test_bad_input_names_allowed_values():
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="'dense', 'static', 'rigl', 'magran'"):
         SparseTraining(model, opt, method="set", total_steps=100)
@@ -544,7 +447,7 @@ def test_bad_input_names_allowed_values():
 
 
 def test_total_steps_is_required():
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="total_steps"):  # no silent default schedule length
         SparseTraining(model, opt, method="rigl", sparsity=0.5)
@@ -554,18 +457,8 @@ def test_total_steps_is_required():
 
 
 def test_check_settings_is_the_engines_rule_and_names_the_prefixed_key():
-    good = {
-        "method": "rigl",
-        "sparsity": 0.5,
-        "distribution": "erk",
-        "update_interval": 100,
-        "prune_ratio": 0.05,
-        "prune_schedule": "cosine",
-        "stop_fraction": 0.75,
-        "erk_power_scale": 1.0,
-    }
-    check_settings(**good)
-    model = _mlp()
+    check_settings(**GOOD_SETTINGS)
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for key, bad in [
         ("method", "set"),
@@ -578,14 +471,14 @@ def test_check_settings_is_the_engines_rule_and_names_the_prefixed_key():
         ("erk_power_scale", -1.0),
     ]:
         with pytest.raises(ValueError, match=rf"^sparse\.{key} must be"):
-            check_settings(**{**good, key: bad}, prefix="sparse.")
+            check_settings(**{**GOOD_SETTINGS, key: bad}, prefix="sparse.")
         with pytest.raises(ValueError, match=rf"^{key} must be"):  # the engine's own message
             SparseTraining(model, opt, **{key: bad}, total_steps=100)
 
 
 def test_optimizer_without_model_parameters_and_unmaskable_model():
-    model = _mlp()
-    other = torch.optim.SGD(_mlp().parameters(), lr=0.1)
+    model = mlp()
+    other = torch.optim.SGD(mlp().parameters(), lr=0.1)
     with pytest.raises(ValueError, match="optimizer"):
         SparseTraining(model, other, total_steps=100)
     assert len(other._optimizer_step_post_hooks) == 0
@@ -595,21 +488,13 @@ def test_optimizer_without_model_parameters_and_unmaskable_model():
 
 
 def test_schedule_counts_optimizer_steps_not_micro_batches():
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    sparse = SparseTraining(
-        model,
-        opt,
-        method="rigl",
-        sparsity=0.7,
-        update_interval=2,
-        total_steps=10,
-        stop_fraction=1.0,
-    )
+    sparse = make_sparse(model, opt, prune_ratio=0.05, prune_schedule="cosine", total_steps=10)
     for step in range(1, 5):
         opt.zero_grad()
         for micro in range(3):  # gradient accumulation: 3 backward passes per step
-            x, y = _batch(10 * step + micro)
+            x, y = batch(10 * step + micro)
             ((model(x) - y).pow(2).mean() / 3).backward()
         opt.step()
     assert sparse.step == 4 and sparse.stats()["last_update_step"] == 4

@@ -6,7 +6,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from sparsediff.sparsity import SparseTraining, flops
 
 
-def test_mlp_flops_against_analytic_counts():
+def _half_sparse_mlp(granularity="unstructured"):
+    """Linear(16, 32) and Linear(32, 8) with static masks, 50% sparse in each layer."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     sparse = SparseTraining(
@@ -15,8 +16,14 @@ def test_mlp_flops_against_analytic_counts():
         method="static",
         sparsity=0.5,
         distribution="uniform",
+        granularity=granularity,
         total_steps=100,
     )
+    return model, sparse
+
+
+def test_mlp_flops_against_analytic_counts():
+    model, sparse = _half_sparse_mlp()
     x = torch.randn(4, 16)
     report = flops.inference_flops(model, x, densities=sparse)
     f0, f2 = 2 * 4 * 16 * 32, 2 * 4 * 32 * 8  # 2 * batch * in * out per Linear
@@ -55,17 +62,7 @@ def test_conv_net_flops_against_analytic_counts():
 def test_structured_masks_count_by_layer_density(granularity):
     # Linear(16, 32) and Linear(32, 8), uniform 50%: 16 of 32 channels / 4 of 8 channels, or
     # 2 of every 4 weights; each layer's FLOPs scale by its density either way.
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
-    sparse = SparseTraining(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        method="static",
-        sparsity=0.5,
-        distribution="uniform",
-        granularity=granularity,
-        total_steps=100,
-    )
+    model, sparse = _half_sparse_mlp(granularity)
     report = flops.inference_flops(model, torch.randn(4, 16), densities=sparse)
     f0, f2 = 2 * 4 * 16 * 32, 2 * 4 * 32 * 8
     assert report.per_layer["0.weight"].density == report.per_layer["2.weight"].density == 0.5

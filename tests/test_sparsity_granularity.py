@@ -1,10 +1,17 @@
 """Methods as objects, granularities (unstructured, channel, n:m) and the optimizer-state rule."""
 
-import io
 import math
 
 import pytest
 import torch
+from sparse_helpers import (
+    GOOD_SETTINGS,
+    ema_update,
+    linear_engine,
+    make_sparse,
+    saved_and_loaded,
+    step_by_hand,
+)
 from torch import nn
 
 from sparsediff.config import SparseConfig
@@ -45,26 +52,20 @@ def _step(model, opt, step, ema):
     opt.zero_grad(set_to_none=True)
     (model(x) - y).pow(2).mean().backward()
     opt.step()
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.mul_(0.8).add_(p, alpha=0.2)
+    ema_update(ema, model, 0.8)
 
 
 def _make(method, granularity, seed=3):
     model, ema = _net(), _net()
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    sparse = SparseTraining(
+    sparse = make_sparse(
         model,
         opt,
         method=method,
         sparsity=0.5,
         granularity=granularity,
-        update_interval=2,
         prune_ratio=0.5,
-        prune_schedule="constant",
-        total_steps=20,
-        stop_fraction=1.0,
         ema=ema,
         seed=seed,
     )
@@ -124,10 +125,7 @@ def test_invariants_every_method_and_granularity(method, granularity, single_thr
     model2, ema2, opt2, sparse2 = _make(method, granularity)
     for step in range(1, 5):
         _step(model2, opt2, step, ema2)
-    buf = io.BytesIO()
-    torch.save([x.state_dict() for x in (model2, ema2, opt2, sparse2)], buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
+    saved = saved_and_loaded([x.state_dict() for x in (model2, ema2, opt2, sparse2)])
     model3, ema3, opt3, sparse3 = _make(method, granularity, seed=11)
     for obj, state in zip((model3, ema3, opt3, sparse3), saved):
         obj.load_state_dict(state)
@@ -156,16 +154,7 @@ def test_parse_granularity_and_nm_sparsity_rule():
     for bad in ("2:2", "0:4", "4:2", "a:b", "2:4 ", "block", 3, None):
         with pytest.raises(ValueError, match=r"^sparse\.granularity must be"):
             parse_granularity(bad, "sparse.granularity")
-    good = {
-        "method": "rigl",
-        "sparsity": 0.75,
-        "distribution": "erk",
-        "update_interval": 100,
-        "prune_ratio": 0.05,
-        "prune_schedule": "cosine",
-        "stop_fraction": 0.75,
-        "erk_power_scale": 1.0,
-    }
+    good = {**GOOD_SETTINGS, "sparsity": 0.75}
     check_settings(**good, granularity="1:4")
     check_settings(**good, granularity="channel")
     check_settings(**{**good, "method": "dense", "sparsity": 0.0}, granularity="2:4")
@@ -225,35 +214,17 @@ def test_channel_rigl_update_by_hand():
     # 4 rows, 2 active; p = 0.5 drops one row: the smallest L2 norm (row 1: sqrt(3.92) < 2.5,
     # though its L1 norm 2.8 is larger). Grow the largest gradient norm among rows inactive
     # after the drop: row 2 (new, starts at 0).
-    model = nn.Linear(3, 4, bias=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    sparse = SparseTraining(
-        model,
-        opt,
-        method="rigl",
-        sparsity=0.5,
-        granularity="channel",
-        update_interval=1,
-        prune_ratio=0.5,
-        prune_schedule="constant",
-        total_steps=10,
-        stop_fraction=1.0,
-    )
+    model, opt, sparse = linear_engine(3, 4, granularity="channel", prune_ratio=0.5, total_steps=10)
     state = sparse.state_dict()
-    state["masks"]["weight"] = torch.tensor([[1] * 3, [1] * 3, [0] * 3, [0] * 3], dtype=torch.bool)
-    sparse.load_state_dict(state)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([[2.5, 0, 0], [1.4, 1.4, 0], [0, 0, 0], [0, 0, 0]]))
-    model.weight.grad = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [2.0, 2, 0], [0, 0, 2.5]])
-    opt.step()
+    mask = torch.tensor([[1] * 3, [1] * 3, [0] * 3, [0] * 3], dtype=torch.bool)
+    weight = torch.tensor([[2.5, 0, 0], [1.4, 1.4, 0], [0, 0, 0], [0, 0, 0]])
+    grad = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [2.0, 2, 0], [0, 0, 2.5]])
+    step_by_hand(model, opt, sparse, state, mask, weight, grad)
     assert sparse.masks["weight"][:, 0].tolist() == [True, False, True, False]
     assert torch.equal(model.weight, torch.tensor([[2.5, 0, 0], [0.0] * 3, [0.0] * 3, [0.0] * 3]))
     # a just-dropped row with the largest gradient norm comes back with its values
-    sparse.load_state_dict(state)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([[2.5, 0, 0], [1.4, 1.4, 0], [0, 0, 0], [0, 0, 0]]))
-    model.weight.grad = torch.tensor([[0.0, 0, 0], [9.0, 0, 0], [2.0, 2, 0], [0, 0, 2.5]])
-    opt.step()
+    grad = torch.tensor([[0.0, 0, 0], [9.0, 0, 0], [2.0, 2, 0], [0, 0, 2.5]])
+    step_by_hand(model, opt, sparse, state, mask, weight, grad)
     assert sparse.masks["weight"][:, 0].tolist() == [True, True, False, False]
     assert model.weight[1].tolist() == pytest.approx([1.4, 1.4, 0.0])
     assert sparse.stats()["dropped"] == 0
@@ -270,19 +241,8 @@ def test_channel_plan_rounds_to_whole_channels():
 
 
 def test_channel_magran_grows_whole_random_channels(single_thread):
-    model = nn.Linear(2, 40, bias=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    sparse = SparseTraining(
-        model,
-        opt,
-        method="magran",
-        sparsity=0.5,
-        granularity="channel",
-        update_interval=1,
-        prune_ratio=0.25,
-        prune_schedule="constant",
-        total_steps=50,
-        stop_fraction=1.0,
+    model, opt, sparse = linear_engine(
+        2, 40, method="magran", granularity="channel", prune_ratio=0.25, total_steps=50
     )
     ever = torch.zeros(40, dtype=torch.bool)
     for _ in range(30):

@@ -53,6 +53,8 @@ PLAN_FILE = "condensed.json"
 WEIGHTS_FILE = "condensed.safetensors"
 
 _ROW_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Modules that read their layers' weights directly instead of calling them: left alone.
+_READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 # ---------------------------------------------------------------------- what is dead
@@ -205,7 +207,7 @@ class CondensedResnet(nn.Module):
         self.time = _sliced(block.time_emb_proj, order)
         with torch.no_grad():
             self.time.bias[len(live1) :] += _bias(block.conv1)[_index(dead1)]
-        ones = torch.ones(width)
+        ones = block.conv1.weight.new_ones(width)
         gamma = norm.weight.detach() if norm.weight is not None else ones
         beta = norm.bias.detach() if norm.bias is not None else ones * 0
         self.gamma = nn.Parameter(gamma[_index(order)].clone())
@@ -221,7 +223,7 @@ class CondensedResnet(nn.Module):
             constant += _bias(block.conv_shortcut)
         self.constant = nn.Parameter(constant)
         self.register_buffer("live2", _index(live2), persistent=False)
-        self.register_buffer("live_sc", _index(live_sc or range(width)), persistent=False)
+        self.register_buffer("live_sc", _index(live_sc or []), persistent=False)
         # channel -> kept-first position, and kept-first position -> norm group
         self.register_buffer("position", _index(order).argsort(), persistent=False)
         self.register_buffer("group", _index(order) // (width // self.groups), persistent=False)
@@ -400,6 +402,8 @@ def plan_condense(model: nn.Module) -> dict[str, dict[str, Any]]:
             }
             sizes = [module.to_k.out_features] * 2 + [module.to_out[0].out_features]
         else:
+            if isinstance(module, _READS_WEIGHTS):
+                inside.append(name + ".")
             continue
         kept = [entry[k] for k in entry if k != "kind" and entry[k] is not None]
         if any(len(rows) < size for rows, size in zip(kept, sizes)):
@@ -432,7 +436,7 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
             new = RowSparse(module, entry["rows"])
         else:
             raise ValueError(f"unknown condensed module kind {kind!r} for {name!r}")
-        model.set_submodule(name, new)
+        model.set_submodule(name, new.to(next(module.parameters()).device))
     return model
 
 

@@ -20,6 +20,7 @@ class Method:
     name = ""
     updates_masks = False  # True: drop and grow every ΔT steps with the two scores
     needs_dense_grad = False  # the grow score reads the dense gradient (RigL)
+    all_dense = False  # True: every layer stays dense, ``sparsity`` ignored (Dense)
 
     def plan(
         self,
@@ -30,6 +31,8 @@ class Method:
         erk_power_scale: float,
     ) -> dict[str, int | None]:
         """Active units per layer (None: dense)."""
+        if self.all_dense:
+            return dict.fromkeys(shapes)
         densities = layer_densities(shapes, sparsity, distribution, erk_power_scale)
         return granularity.plan(shapes, densities)
 
@@ -41,16 +44,7 @@ class Dense(Method):
     """The dense baseline through the same code path: all-True masks, ``sparsity`` ignored."""
 
     name = "dense"
-
-    def plan(
-        self,
-        shapes: Mapping[str, Sequence[int]],
-        granularity: Unstructured,
-        sparsity: float,
-        distribution: str,
-        erk_power_scale: float,
-    ) -> dict[str, int | None]:
-        return dict.fromkeys(shapes)
+    all_dense = True
 
 
 class Static(Method):

@@ -1,0 +1,269 @@
+"""Wall-clock speed-ups of sparse denoisers as they would be deployed, against dense.
+
+For dense and each granularity (unstructured and channel at ``--sparsities``, 2:4 fixed at
+50 %), one process measures on the same UNet, batch, sampler, steps and seed:
+
+* **sampling**: DDIM with ``--sample-steps`` steps from a fixed batch of latents through
+  ``diffusion.samplers.run_sampler``, with the network as it would be deployed: unstructured =
+  the masked dense model (its zeros are multiplied), channel = the condensed network
+  (``models/condense.py``; its largest difference to the masked model on one forward is
+  printed), 2:4 = semi-structured sparse kernels for the Linear layers on CUDA
+  (``sparsity/semistructured.py``; elsewhere the masked dense model, with the reason);
+* **training**: AdamW + ``SparseTraining`` (RigL, ΔT = ``--update-interval``, constant p 0.05)
+  on the masked dense model; one update interval is timed (ΔT steps, the last one with a mask
+  update) and reported per step; dense runs through the engine's dense mode.
+
+Masks are random from the engine (``--distribution`` layer densities, ``--seed``); the sampling
+network is a copy of the training model right after the engine masked it. Every round measures
+every setting once in a rotating order, so machine load hits all of them; the numbers are
+medians over rounds and "x dense" is dense's median over the setting's (> 1: faster). FLOPs are
+one forward at batch 1 of the network that runs (FlopCounterMode): the condensed network for
+channel, the dense count for masked models, whose zeros are computed.
+
+CPU defaults: the Fashion-MNIST latent UNet at block channels (64, 128) (2.8 M params), then the
+0.29 M ``fmnist`` preset; batch 64 of 8x8x3 latents, 10 DDIM steps, ΔT 4, 5 rounds, 1 torch
+thread (a shared 2-core box stalls at 2 when a neighbour is busy), about 2 minutes. CUDA: the
+LDM-4 UNet (274 M params), bf16 (sampling weights in bf16, training under bf16 autocast), batch
+16 for sampling and 8 for training on 64x64x3 latents, 50 and 75 %, 3 rounds.
+
+    python benchmarks/real_speedup.py                    # CPU
+    python benchmarks/real_speedup.py --device cuda      # ldm4, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from sparsediff.diffusion.losses import epsilon_mse
+from sparsediff.diffusion.samplers import SamplingSettings, run_sampler
+from sparsediff.diffusion.schedules import make_scheduler
+from sparsediff.models.condense import condense
+from sparsediff.models.unet import build_unet
+from sparsediff.sparsity import SparseTraining
+from sparsediff.sparsity.semistructured import to_semi_structured
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ldm_throughput import machine, sync  # noqa: E402  (the shared harness, next to this file)
+
+MODELS = {  # name -> (preset, overrides)
+    "fmnist-64-128": ("fmnist", {"block_out_channels": (64, 128)}),
+    "fmnist": ("fmnist", {}),
+    "small": ("small", {}),
+    "ldm4": ("ldm4", {}),
+}
+TARGET = ("fmnist-64-128", "channel 50%", 1.5)  # CPU target: condensed sampling >= 1.5x dense
+
+
+@dataclass
+class Setting:
+    """One granularity and sparsity: its training run and its deployed sampling network."""
+
+    label: str
+    granularity: str | None  # None: dense
+    sparsity: float
+    model: nn.Module | None = None  # training model (masked)
+    optimizer: torch.optim.Optimizer | None = None
+    deployed: nn.Module | None = None
+    how: str = ""
+    params: int = 0
+    flops: int = 0
+    step: int = 0
+    sample_s: list[float] = field(default_factory=list)
+    train_s: list[float] = field(default_factory=list)
+
+
+def settings_for(sparsities: list[float]) -> list[Setting]:
+    out = [Setting("dense", None, 0.0)]
+    for granularity in ("unstructured", "channel"):
+        out += [Setting(f"{granularity} {s:.0%}", granularity, s) for s in sparsities]
+    return out + [Setting("2:4", "2:4", 0.5)]
+
+
+def count_flops(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x, t)
+    return counter.get_total_flops()
+
+
+def prepare(setting: Setting, base: nn.Module, args, device, x: torch.Tensor) -> None:
+    """Training model + engine, then the deployed copy of the masked model."""
+    setting.model = copy.deepcopy(base).to(device).train()
+    setting.optimizer = torch.optim.AdamW(setting.model.parameters(), lr=1e-4)
+    with warnings.catch_warnings():  # 2:4: conv_in (27 inputs per row) stays dense
+        warnings.simplefilter("ignore")
+        SparseTraining(
+            setting.model,
+            setting.optimizer,
+            method="dense" if setting.granularity is None else "rigl",
+            sparsity=setting.sparsity,
+            distribution=args.distribution,
+            granularity=setting.granularity or "unstructured",
+            update_interval=args.update_interval,
+            prune_ratio=0.05,
+            prune_schedule="constant",
+            total_steps=10**9,
+            stop_fraction=1.0,
+            seed=args.seed,
+        )
+    masked = copy.deepcopy(setting.model).eval()
+    t1 = torch.zeros(1, dtype=torch.long, device=device)
+    deployed, setting.how = masked, "dense" if setting.granularity is None else "masked dense"
+    if setting.granularity == "channel":
+        deployed = condense(masked)[0].eval()
+        t4 = torch.tensor([0, 250, 500, 999], device=device)
+        with torch.no_grad():
+            want, got = masked(x[:4], t4).sample, deployed(x[:4], t4).sample
+        rel = float((got - want).abs().max() / want.abs().max())
+        setting.how = f"condensed (max |Δ| {rel:.0e} of max)"
+    setting.params = sum(p.numel() for p in deployed.parameters())
+    setting.flops = count_flops(deployed, x[:1], t1)
+    deployed = deployed.to(args.dtype)
+    if setting.granularity == "2:4":
+        report = to_semi_structured(deployed, quiet=True)
+        setting.how = report.summary() if report.converted else f"masked dense ({report.notice})"
+    setting.deployed = deployed
+
+
+def sample_once(setting: Setting, args, shape, scheduler, device) -> None:
+    model, dtype = setting.deployed, args.dtype
+    gens = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(shape[0])]
+    settings = SamplingSettings("ddim", steps=args.sample_steps)
+    with torch.inference_mode():
+        sync(device)
+        start = time.perf_counter()
+        run_sampler(
+            lambda x, t: model(x.to(dtype), t).sample.float(),
+            shape,
+            scheduler,
+            settings,
+            gens,
+            device,
+        )
+        sync(device)
+    setting.sample_s.append(time.perf_counter() - start)
+
+
+def train_chunk(setting: Setting, args, z, scheduler, device, timed: bool = True) -> None:
+    """``ΔT`` optimizer steps; the engine updates the masks at the last one."""
+    model, optimizer = setting.model, setting.optimizer
+    autocast = args.dtype != torch.float32
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.update_interval):
+        setting.step += 1
+        gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + setting.step)
+        with torch.autocast(device.type, dtype=args.dtype, enabled=autocast):
+            loss = epsilon_mse(lambda x, t: model(x, t).sample, z, scheduler, generator=gen)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    if timed:
+        setting.train_s.append((time.perf_counter() - start) / args.update_interval)
+
+
+def bench_model(name: str, args, device) -> dict[str, float]:
+    preset, overrides = MODELS[name]
+    torch.manual_seed(args.seed)
+    base = build_unet(preset, **overrides)
+    size, channels = base.config.sample_size, base.config.in_channels
+    shape = (args.batch, channels, size, size)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(shape, generator=gen).to(device)
+    z = torch.randn((args.train_batch, channels, size, size), generator=gen).to(device)
+    scheduler = make_scheduler("ldm", 1000)
+    n_params = sum(p.numel() for p in base.parameters())
+    dtype_name = str(args.dtype).removeprefix("torch.")
+    print(
+        f"\n== {name}: UNet2DModel {n_params / 1e6:.2f} M params, latents "
+        f"{channels}x{size}x{size}, batch {args.batch} (training {args.train_batch}), DDIM "
+        f"{args.sample_steps} steps, {dtype_name}, {device}; masks {args.distribution}, "
+        f"seed {args.seed}; ΔT {args.update_interval}; {args.rounds} rounds (medians)",
+        flush=True,
+    )
+    settings = settings_for(args.sparsities)
+    for setting in settings:
+        prepare(setting, base, args, device, x)
+        sample_once(setting, args, shape, scheduler, device)  # warm-up, untimed
+        setting.sample_s.clear()
+        train_chunk(setting, args, z, scheduler, device, timed=False)
+    for r in range(args.rounds):
+        for setting in settings[r % len(settings) :] + settings[: r % len(settings)]:
+            sample_once(setting, args, shape, scheduler, device)
+            train_chunk(setting, args, z, scheduler, device)
+    dense = settings[0]
+    dense_sample, dense_train = statistics.median(dense.sample_s), statistics.median(dense.train_s)
+    print(
+        f"{'setting':<18} {'params':>8} {'GFLOP/fwd':>9} {'sampling s':>10} {'x dense':>7} "
+        f"{'train step s':>12} {'x dense':>7}  deployed as"
+    )
+    ratios = {}
+    for s in settings:
+        sample_s, train_s = statistics.median(s.sample_s), statistics.median(s.train_s)
+        ratios[s.label] = dense_sample / sample_s
+        print(
+            f"{s.label:<18} {s.params / 1e6:7.2f}M {s.flops / 1e9:9.3f} {sample_s:10.3f} "
+            f"{dense_sample / sample_s:6.2f}x {train_s:12.4f} {dense_train / train_s:6.2f}x  "
+            f"{s.how}",
+            flush=True,
+        )
+        s.model = s.optimizer = s.deployed = None  # free before the next model
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
+    parser.add_argument("--sparsities", nargs="+", type=float, default=None)
+    parser.add_argument("--distribution", default="erk", choices=["erk", "uniform", "er"])
+    parser.add_argument("--batch", type=int, default=None, help="sampling batch")
+    parser.add_argument("--train-batch", type=int, default=None)
+    parser.add_argument("--sample-steps", type=int, default=10, help="DDIM steps")
+    parser.add_argument("--update-interval", type=int, default=4, help="ΔT: steps timed")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)"
+    )
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    args.models = args.models or (["ldm4"] if cuda else ["fmnist-64-128", "fmnist"])
+    args.sparsities = args.sparsities or ([0.5, 0.75] if cuda else [0.5, 0.75, 0.9])
+    args.batch = args.batch or (16 if cuda else 64)
+    args.train_batch = args.train_batch or (8 if cuda else args.batch)
+    args.rounds = args.rounds or (3 if cuda else 5)
+    args.dtype = torch.bfloat16 if cuda else torch.float32
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 1)
+    print(f"machine: {machine(device)}; torch {torch.__version__}", flush=True)
+    start = time.perf_counter()
+    results = {name: bench_model(name, args, device) for name in args.models}
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    name, label, target = TARGET
+    if name in results and not cuda:
+        ratio = results[name][label]
+        verdict = "met" if ratio >= target else "NOT met"
+        print(f"target (CPU, {name}): condensed {label} sampling >= {target}x dense: {verdict}")
+    first = results[args.models[0]]
+    if "channel 50%" in first:
+        print(f"sampling speed-up, channel 50%: {first['channel 50%']:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
