@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -251,6 +252,9 @@ def main() -> None:
     args.dtype = torch.bfloat16 if cuda else torch.float32
     if args.threads or not cuda:
         torch.set_num_threads(args.threads or 1)
+    if cuda:  # fp32 only runs the exactness check and FLOP count: keep them exact
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    diffusers_logging.set_verbosity_error()  # not the "cast with to()" advice per model
     print(f"machine: {machine(device)}; torch {torch.__version__}", flush=True)
     start = time.perf_counter()
     results = {name: bench_model(name, args, device) for name in args.models}

@@ -59,6 +59,7 @@ def params(model):
         ("tiny", {}, 0.75, "erk"),
         ("fmnist", {}, 0.5, "uniform"),
         ("fmnist", {"block_out_channels": (64, 128)}, 0.5, "erk"),
+        ("small", {"sample_size": 8}, 0.5, "uniform"),  # LDM-4 layout, down to 1x1 pixels
     ],
 )
 def test_condensed_unet_equals_masked_unet(
@@ -141,6 +142,31 @@ def test_save_and_load_rebuilds_the_same_network(single_thread, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x, t).sample, condensed.eval()(x, t).sample)
     assert cd.read_condensed_info(tmp_path / "missing") is None
+
+
+def test_resnet_with_dead_output_rows_only(single_thread, tmp_path):
+    torch.manual_seed(0)
+    model = build_unet("tiny").eval()
+    block = model.up_blocks[0].resnets[0]
+    with torch.no_grad():  # no dead conv1 channel: norm2 sees no constants, fold is empty
+        block.conv2.weight[[0, 5]] = 0
+        block.conv_shortcut.weight[[1, 5]] = 0
+    condensed, plan = cd.condense(model)
+    assert plan == {
+        "up_blocks.0.resnets.0": {
+            "kind": "resnet",
+            "conv1": list(range(8)),
+            "conv2": [1, 2, 3, 4, 6, 7],
+            "shortcut": [0, 2, 3, 4, 6, 7],
+        }
+    }
+    x, t = unet_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(condensed(x, t).sample, model(x, t).sample)
+    cd.save_condensed(condensed, plan, tmp_path)
+    loaded = cd.load_condensed(build_unet("tiny"), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t).sample, condensed(x, t).sample)
 
 
 def test_dense_model_has_nothing_to_condense():

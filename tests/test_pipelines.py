@@ -216,3 +216,21 @@ def test_evaluation_shows_sampling_progress(tmp_path, ldm_sets, capsys):
     capsys.readouterr()
     evaluate(run, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache")
     assert "sampling" in capsys.readouterr().err
+
+
+def test_condensed_channel_run_samples_and_evaluates_like_the_run(tmp_path, ldm_sets):
+    import numpy as np
+
+    run, small = tmp_path / "run", tmp_path / "small"
+    train("ldm-tiny", run, *ldm_sets, "sparse.granularity=channel", "sparse.method=static")
+    assert main(["condense", str(run), "--out", str(small)]) == 0
+    for d in (run, small):
+        out = tmp_path / f"{d.name}.png"
+        assert main(["sample", str(d), "--num", "3", "--steps", "3", "--out", str(out)]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("run", "small"))
+    assert np.abs(a - b).max() <= 1  # same samples up to float rounding
+    full = evaluate(run, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache")["cost"]
+    cut = evaluate(small, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache")["cost"]
+    assert cut["params_total"] < full["params_total"] == cut["params_dense_total"]
+    assert cut["inference_flops"] < cut["inference_flops_dense"] == full["inference_flops_dense"]
+    assert cut["train_flops"] == pytest.approx(full["train_flops"])

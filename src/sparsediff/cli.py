@@ -1,4 +1,5 @@
-"""Command line: ``sparsediff train | sample | evaluate | export | presets | study | report``.
+"""Command line: ``sparsediff train | sample | evaluate | export | condense | presets | study |
+report``.
 
 Every command prints a line saying what it does and where it writes, progress bars while it
 works (stderr) and a short human summary at the end; the full records are files in the run or
@@ -35,6 +36,7 @@ examples:
   sparsediff sample runs/kanji --num 16 --sampler ddpm
   sparsediff evaluate runs/fmnist --num-samples 1000 --steps 50
   sparsediff export runs/fmnist --out exported/fmnist
+  sparsediff condense runs/fmnist-channel --out runs/fmnist-channel-condensed
   sparsediff study quick && sparsediff report studies/quick
 """
 # train shortcuts: flag -> config key
@@ -169,6 +171,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_condense(args: argparse.Namespace) -> int:
+    """Condense a finished channel-sparse run: a smaller dense network, same samples."""
+    from sparsediff.pipelines.export import condense_run
+
+    _say(f"condensing {args.run_dir} into {args.out}")
+    info = condense_run(args.run_dir, args.out, overwrite=args.overwrite)
+    _say(
+        f"parameters {info['params']:,} -> {info['params_condensed']:,}; FLOPs per network "
+        f"evaluation {info['flops_dense']:.3g} -> {info['flops_condensed']:.3g}; sample or "
+        f"evaluate it like a run: sparsediff sample {args.out}"
+    )
+    _json(args, info)
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     """List the presets and the studies."""
     for title, items in (
@@ -283,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fp16", "bf16"),
         help="compact values in 16 bits (lossy; implies --compact)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    p = command("condense", "remove dead channels: a smaller network, same samples", cmd_condense)
+    p.add_argument("run_dir", help="a finished (channel-sparse) run directory")
+    p.add_argument("--out", required=True, help="folder for the condensed model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     p = command("evaluate", "FID/KID/precision/recall, parameters and FLOPs", cmd_evaluate)

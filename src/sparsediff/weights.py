@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from sparsediff.io import atomic_write
 
@@ -104,6 +105,12 @@ def unpack_tensor(
     dense = torch.zeros(numel, dtype=dtype)
     dense[nonzero] = values.to(dtype)
     return dense.reshape(shape)
+
+
+def save_weights(model: nn.Module, path: str | Path) -> Path:
+    """A model's plain state dict (sparse weights are zeros) as safetensors, atomically."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def save_compact(

@@ -215,8 +215,11 @@ class CondensedResnet(nn.Module):
         self.conv2 = _sliced(block.conv2, live2, live1, bias=False)
         # conv2's kernels over the dead inputs as (dead, out * kh * kw), for one matmul
         fold = block.conv2.weight.detach()[_index(live2)][:, _index(dead1)]
-        self.fold = nn.Parameter(fold.transpose(0, 1).reshape(len(dead1), -1).clone())
-        constant = _bias(block.conv2).clone()  # dead rows of conv2 and the shortcut: constants
+        taps = block.conv2.kernel_size[0] * block.conv2.kernel_size[1]
+        fold = fold.transpose(0, 1).reshape(len(dead1), len(live2) * taps)
+        self.fold = nn.Parameter(fold.clone())
+        # conv2's and the shortcut's biases, added at full width (a dead row outputs only these)
+        constant = _bias(block.conv2).clone()
         self.shortcut = None
         if block.conv_shortcut is not None:
             self.shortcut = _sliced(block.conv_shortcut, live_sc, bias=False)

@@ -92,6 +92,18 @@ class Pipeline(ABC):
         """FLOPs per sample outside the denoiser (e.g. a first-stage decoder)."""
         return 0.0
 
+    # ------------------------------------------------------------------ export
+    def export(self, denoiser: nn.Module, out: Path) -> str:
+        """Write the finished denoiser for use outside sparsediff into the folder ``out``;
+        returns its weights file, relative to ``out`` (see :mod:`.export`)."""
+        raise ValueError(f"the {self.name!r} pipeline has no export")
+
+    def export_card(self, folder: str) -> dict[str, Any]:
+        """What the model card says of this pipeline's export in ``folder``: ``title``,
+        ``card`` (``huggingface_hub.ModelCardData`` fields), ``usage`` (a Python snippet that
+        loads and samples it) and ``notes`` (lines after the snippet)."""
+        return {"title": self.name, "card": {"tags": [self.name]}, "usage": "", "notes": []}
+
     # ------------------------------------------------------------------ studies
     @classmethod
     def study_overrides(cls, cfg: RunConfig, shared_dir: Path) -> dict[str, Any]:

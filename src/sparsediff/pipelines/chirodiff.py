@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsediff.config import RunConfig
+from sparsediff.config import RunConfig, load_config
 from sparsediff.data.raster import rasterize, save_svg
 from sparsediff.data.sketch_ops import sequences_to_sketches
 from sparsediff.data.stroke_dataset import (
@@ -33,8 +33,15 @@ from sparsediff.models.chirodiff import build_chirodiff_denoiser, masked_mse
 from sparsediff.pipelines.base import Pipeline
 from sparsediff.training.distributed import Dist
 from sparsediff.training.loop import Task
+from sparsediff.weights import load_weights, save_weights
 
 LENGTHS_FILE = "lengths.json"  # the training set's sequence lengths, drawn from when sampling
+EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_FORMAT = (
+    "model.safetensors",
+    "config.json",
+    "sparsediff-chirodiff",
+)
+EXPORT_SECTIONS = ("model", "data", "diffusion", "sample")  # enough to rebuild and sample
 Sketch = list[np.ndarray]
 
 
@@ -178,3 +185,44 @@ class ChiroDiff(Pipeline):
         x = torch.zeros(1, length, 3, device=device)
         t = torch.zeros(1, dtype=torch.long, device=device)
         return x, t, torch.tensor([length], device=device)
+
+    # ------------------------------------------------------------------ export
+    def export(self, denoiser: nn.Module, out: Path) -> str:
+        """Weights, and the config sections and training lengths that rebuild and sample them."""
+        save_weights(denoiser, out / EXPORT_WEIGHTS)
+        config = self.cfg.to_dict()
+        record = {
+            "format": EXPORT_FORMAT,
+            "version": 1,
+            "pipeline": self.name,
+            "config": {section: config[section] for section in EXPORT_SECTIONS},
+            "lengths": [int(n) for n in self.lengths],
+        }
+        write_json(out / EXPORT_CONFIG, record, indent=None)
+        return EXPORT_WEIGHTS
+
+    def export_card(self, folder: str) -> dict[str, Any]:
+        """Rebuilt from the folder alone."""
+        usage = (
+            "from sparsediff.pipelines.chirodiff import ChiroDiff\n\n"
+            f'pipeline, denoiser = ChiroDiff.from_export("{folder}")\n'
+            "settings = pipeline.sampling(pipeline.cfg.sample)\n"
+            "sketches = pipeline.generate(denoiser, [0, 1, 2, 3], settings)\n"
+        )
+        card = {"tags": ["chirodiff", "sketch-generation"]}
+        return {"title": "ChiroDiff", "card": card, "usage": usage, "notes": []}
+
+    @classmethod
+    def from_export(
+        cls, folder: str | Path, device: str | torch.device = "cpu"
+    ) -> tuple[ChiroDiff, nn.Module]:
+        """The pipeline (ready to ``generate``) and denoiser of an exported folder."""
+        folder = Path(folder)
+        record = read_json(folder / EXPORT_CONFIG)
+        if record.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{folder / EXPORT_CONFIG} is not an exported ChiroDiff config")
+        pipeline = cls(load_config({"pipeline": cls.name, **record["config"]}), folder)
+        pipeline.lengths = np.asarray(record["lengths"], dtype=np.int64)  # what load() reads
+        denoiser = pipeline.build_denoiser()
+        denoiser.load_state_dict(load_weights(folder / EXPORT_WEIGHTS))
+        return pipeline, denoiser.to(device).eval()

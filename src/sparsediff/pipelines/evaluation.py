@@ -37,6 +37,7 @@ from sparsediff.metrics import (
     key_digest,
     reference_key,
 )
+from sparsediff.models.condense import read_condensed_info
 from sparsediff.pipelines.base import Pipeline, sample_seeds
 from sparsediff.pipelines.run import CONFIG_FILE, load_run, resolve_device
 from sparsediff.sparsity.flops import (
@@ -170,20 +171,33 @@ def cost_fields(
 
 
 def run_cost(
-    pipeline: Pipeline, denoiser: nn.Module, plan: EvaluationPlan, seconds: float | None
+    pipeline: Pipeline,
+    denoiser: nn.Module,
+    plan: EvaluationPlan,
+    seconds: float | None,
+    condensed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """:func:`cost_fields` of a loaded run."""
+    """:func:`cost_fields` of a loaded run; of a condensed one (``condensed``: its record) the
+    inference costs are the smaller network's, against the run's dense model."""
     cfg: RunConfig = pipeline.cfg
     device = next(denoiser.parameters()).device
     total, nonzero = count_parameters(denoiser)
-    report = inference_flops(denoiser, *pipeline.flop_inputs(device))
+    densities = {} if condensed else None  # a condensed network is dense: count all of it
+    report = inference_flops(denoiser, *pipeline.flop_inputs(device), densities=densities)
     env = read_json(pipeline.run_dir / CONFIG_FILE)["environment"]
     samples_seen = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum
     samples_seen *= int(env.get("world_size", 1))
     s = cfg.sparse
-    step = training_flops_per_step(report.dense, report.sparse, s.method, s.update_interval)
+    trained = (report.dense, report.sparse)
+    if condensed:  # training was masked: its costs are the masked model's
+        trained = (condensed["flops_dense"], condensed["flops_masked"])
+        report = FlopReport(condensed["flops_dense"], report.dense, report.per_layer, report.other)
+    step = training_flops_per_step(*trained, s.method, s.update_interval)
     decode, nfe = pipeline.decode_flops(device), plan.sampling.steps
-    return cost_fields(total, nonzero, report, decode, nfe, step, samples_seen, seconds)
+    cost = cost_fields(total, nonzero, report, decode, nfe, step, samples_seen, seconds)
+    if condensed:
+        cost["params_dense_total"] = condensed["params"]
+    return cost
 
 
 def evaluate(
@@ -261,7 +275,7 @@ def evaluate(
     grid = save_image_grid(fake[:16], run_dir / "eval-grid.png")
     record = {
         "metrics": metrics,
-        "cost": run_cost(pipeline, denoiser, plan, seconds),
+        "cost": run_cost(pipeline, denoiser, plan, seconds, read_condensed_info(run_dir)),
         "protocol": {
             **plan.to_dict(),
             "reference": {**key, "size": len(ref_images)},

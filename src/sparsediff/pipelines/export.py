@@ -9,7 +9,10 @@
   the global generator). See ``docs/export.md``.
 * ChiroDiff → ``model.safetensors`` + ``config.json`` (the config sections that rebuild the
   network, and the training lengths that sampling draws from); :func:`load_exported_chirodiff`
-  rebuilds it from the folder alone.
+  (``ChiroDiff.from_export``) rebuilds it from the folder alone.
+
+What a pipeline exports is its own ``Pipeline.export``; this module adds what every export has:
+the atomic folder, the model card and the optional compact weights.
 
 Both get a ``README.md`` model card and, with ``compact=True``, ``model.compact.safetensors``
 (:mod:`sparsediff.weights`).
@@ -24,25 +27,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from sparsediff.config import load_config
-from sparsediff.diffusion.samplers import build_sampling_scheduler
-from sparsediff.io import read_json, write_json, write_text
-from sparsediff.models.autoencoder import autoencoder_kind
-from sparsediff.pipelines.base import Pipeline, sample_seeds
+from sparsediff.io import read_json, write_text
+from sparsediff.models.condense import condense, read_condensed_info, save_condensed
+from sparsediff.pipelines.base import Pipeline
 from sparsediff.pipelines.chirodiff import ChiroDiff
-from sparsediff.pipelines.run import DONE_FILE, export_weights, load_run
-from sparsediff.weights import compact_size_report, load_weights, parse_dtype, save_compact
+from sparsediff.pipelines.run import CONFIG_FILE, DONE_FILE, load_run
+from sparsediff.sparsity.flops import count_parameters, inference_flops
+from sparsediff.weights import compact_size_report, parse_dtype, save_compact
 
 CARD_FILE = "README.md"
 COMPACT_FILE = "model.compact.safetensors"
-CHIRODIFF_WEIGHTS = "model.safetensors"
-CHIRODIFF_CONFIG = "config.json"
-CHIRODIFF_FORMAT = "sparsediff-chirodiff"
-CHIRODIFF_SECTIONS = ("model", "data", "diffusion", "sample")  # enough to rebuild and sample
 
 
 def export_run(
@@ -68,15 +65,12 @@ def export_run(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
     pipeline, denoiser = load_run(run_dir, "cpu")
-    exporters = {"ldm": _export_ldm, "chirodiff": _export_chirodiff}
-    if pipeline.name not in exporters:
-        raise ValueError(f"no exporter for pipeline {pipeline.name!r}; known: {sorted(exporters)}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     tmp.chmod(0o755)  # mkdtemp's 0700 would make a folder meant for sharing private
     try:
-        dense_file = exporters[pipeline.name](pipeline, denoiser, tmp)
+        dense_file = pipeline.export(denoiser, tmp)
         sizes = None
         if compact:
             save_compact(denoiser.state_dict(), tmp / COMPACT_FILE, value_dtype)
@@ -92,41 +86,37 @@ def export_run(
     return out_dir
 
 
-# ---------------------------------------------------------------------- Latent Diffusion
-def _export_ldm(pipeline: Pipeline, unet: nn.Module, out: Path) -> str:
-    """An ``LDMPipeline`` folder; returns the dense UNet file (relative to ``out``)."""
-    from diffusers import LDMPipeline  # heavy: only when exporting
+def condense_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Condense a finished channel-sparse run into ``out`` (docs/speedups.md).
 
-    _, height, width = pipeline.latent_shape
-    if height != width:
-        raise ValueError(f"LDMPipeline samples square latents; this run's are {height}×{width}")
-    ae = pipeline.ae
-    # LDMPipeline decodes vqvae.decode(z / scaling_factor) (a VQModel quantises inside decode,
-    # as we do). Ours: VQ decodes z / scale, KL decodes z / scale / its own scaling factor.
-    factor = pipeline.scale
-    if autoencoder_kind(ae) == "kl":
-        factor *= float(ae.config.scaling_factor)
-    ae.register_to_config(scaling_factor=factor)
-    # the scheduler our DDIM sampler builds (CompVis settings: leading, offset 1, ᾱ_0 last)
-    scheduler = build_sampling_scheduler(pipeline.scheduler(), "ddim")
-    LDMPipeline(vqvae=ae, unet=unet, scheduler=scheduler).save_pretrained(out)
-    return "unet/diffusion_pytorch_model.safetensors"
-
-
-# ---------------------------------------------------------------------- ChiroDiff
-def _export_chirodiff(pipeline: Pipeline, denoiser: nn.Module, out: Path) -> str:
-    """Weights and the config that rebuilds them; returns the weights file name."""
-    export_weights(denoiser, out / CHIRODIFF_WEIGHTS)
-    config = pipeline.cfg.to_dict()
-    record = {
-        "format": CHIRODIFF_FORMAT,
-        "version": 1,
-        "pipeline": pipeline.name,
-        "config": {section: config[section] for section in CHIRODIFF_SECTIONS},
-        "lengths": [int(n) for n in pipeline.lengths],
+    ``out`` then works like a run directory for ``sample`` and ``evaluate`` (it points back at
+    the run for the frozen parts); returns what was measured (parameters, FLOPs, rewrites).
+    """
+    run_dir, out = Path(run_dir).resolve(), Path(out)
+    if read_condensed_info(run_dir) is not None:
+        raise ValueError(f"{run_dir} already holds a condensed model")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out} is not empty: pass --overwrite to replace it")
+        shutil.rmtree(out)
+    pipeline, denoiser = load_run(run_dir)
+    condensed, plan = condense(denoiser)
+    inputs = pipeline.flop_inputs(torch.device("cpu"))
+    masked = inference_flops(denoiser, *inputs)
+    small = inference_flops(condensed.eval(), *inputs, densities={})
+    kinds = [entry["kind"] for entry in plan.values()]
+    info = {
+        "source": str(run_dir),
+        "params": count_parameters(denoiser)[0],
+        "params_condensed": count_parameters(condensed)[0],
+        "flops_dense": masked.dense,
+        "flops_masked": masked.sparse,
+        "flops_condensed": small.dense,
+        "rewritten": {kind: kinds.count(kind) for kind in sorted(set(kinds))},
     }
-    write_json(out / CHIRODIFF_CONFIG, record, indent=None)
-    return CHIRODIFF_WEIGHTS
+    save_condensed(condensed, plan, out, **info)
+    shutil.copy2(run_dir / CONFIG_FILE, out / CONFIG_FILE)
+    return info
 
 
 def load_exported_chirodiff(
@@ -137,22 +127,14 @@ def load_exported_chirodiff(
     ``info``: ``config`` (a RunConfig), ``lengths``, ``pipeline`` (a ChiroDiff ready to
     ``generate``) and ``sampling`` (the run's sample settings).
     """
-    out_dir = Path(out_dir)
-    record = read_json(out_dir / CHIRODIFF_CONFIG)
-    if record.get("format") != CHIRODIFF_FORMAT:
-        raise ValueError(f"{out_dir / CHIRODIFF_CONFIG} is not an exported ChiroDiff config")
-    cfg = load_config({"pipeline": "chirodiff", **record["config"]})
-    pipeline = ChiroDiff(cfg, out_dir)
-    pipeline.lengths = np.asarray(record["lengths"], dtype=np.int64)  # what load() reads
-    denoiser = pipeline.build_denoiser()
-    denoiser.load_state_dict(load_weights(out_dir / CHIRODIFF_WEIGHTS))
+    pipeline, denoiser = ChiroDiff.from_export(out_dir, device)
     info = {
-        "config": cfg,
+        "config": pipeline.cfg,
         "lengths": pipeline.lengths,
         "pipeline": pipeline,
-        "sampling": pipeline.sampling(cfg.sample),
+        "sampling": pipeline.sampling(pipeline.cfg.sample),
     }
-    return denoiser.to(device).eval(), info
+    return denoiser, info
 
 
 # ---------------------------------------------------------------------- model card
@@ -164,24 +146,6 @@ def latest_eval(run_dir: str | Path) -> tuple[str, dict[str, Any]] | None:
         if isinstance(record, dict) and "metrics" in record:
             return path.name, record
     return None
-
-
-def _usage(pipeline: Pipeline, folder: str) -> str:
-    if pipeline.name == "ldm":
-        s = pipeline.cfg.sample
-        steps, eta = (s.steps, s.eta) if s.sampler == "ddim" else (50, 0.0)
-        return (
-            "import torch\nfrom diffusers import DiffusionPipeline\n\n"
-            f'pipe = DiffusionPipeline.from_pretrained("{folder}")\n'
-            f"seeds = {sample_seeds(0, 0, 4)}  # those of `sparsediff sample --seed 0 --num 4`\n"
-            f"images = pipe(batch_size=len(seeds), num_inference_steps={steps}, eta={eta}, "
-            "generator=[torch.Generator().manual_seed(s) for s in seeds]).images\n"
-        )
-    return (
-        "from sparsediff.pipelines.export import load_exported_chirodiff\n\n"
-        f'denoiser, info = load_exported_chirodiff("{folder}")\n'
-        'sketches = info["pipeline"].generate(denoiser, [0, 1, 2, 3], info["sampling"])\n'
-    )
 
 
 def _sparsity_section(cfg_sparse: dict[str, Any], done: dict[str, Any]) -> list[str]:
@@ -238,19 +202,13 @@ def model_card(
     config = cfg.to_dict()
     method = config["sparse"]["method"]
     tags = ["sparse", "sparse-training", "diffusion", f"sparsity-{method}", "sparsediff"]
-    if pipeline.name == "ldm":
-        data = ModelCardData(
-            library_name="diffusers",
-            pipeline_tag="unconditional-image-generation",
-            tags=[*tags, "latent-diffusion", "diffusers:LDMPipeline"],
-        )
-    else:
-        data = ModelCardData(tags=[*tags, "chirodiff", "sketch-generation"])
+    about = pipeline.export_card(folder)
+    data = ModelCardData(**{**about["card"], "tags": [*tags, *about["card"].get("tags", [])]})
     params = sum(p.numel() for p in denoiser.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in denoiser.parameters())
     title = cfg.name or pipeline.name
     lines = [
-        f"# {title}: sparse {'Latent Diffusion' if pipeline.name == 'ldm' else 'ChiroDiff'}",
+        f"# {title}: sparse {about['title']}",
         "",
         f"Trained with sparsediff (sparse-to-sparse training of diffusion models) for "
         f"{done.get('step', cfg.train.steps):,} steps; EMA weights. Denoiser: {params:,} "
@@ -269,19 +227,11 @@ def model_card(
         "## Usage",
         "",
         "```python",
-        _usage(pipeline, folder).rstrip("\n"),
+        about["usage"].rstrip("\n"),
         "```",
         "",
+        *about["notes"],
     ]
-    if pipeline.name == "ldm":
-        lines += [
-            "Same images as sparsediff for the same sample seeds, bit for bit on the CPU: at "
-            "η = 0 with one generator per image as above; at any η draw one image per call "
-            "after `torch.manual_seed(seed)`, passing no generator (LDMPipeline draws its DDIM "
-            "noise from the global generator). Floats can differ by ~1e-6 between batch sizes "
-            "(CPU kernels), below one uint8 level.",
-            "",
-        ]
     if compact is not None:
         lines += [
             "## Compact weights",

@@ -22,11 +22,12 @@ from sparsediff.config import RunConfig, TrainConfig
 from sparsediff.data.images import build_image_dataset, collate_skip_none
 from sparsediff.data.latents import LatentCache, LatentDataset
 from sparsediff.diffusion.losses import epsilon_mse
-from sparsediff.diffusion.samplers import SamplingSettings
+from sparsediff.diffusion.samplers import SamplingSettings, build_sampling_scheduler
 from sparsediff.imaging import to_uint8
 from sparsediff.io import read_json, write_json
 from sparsediff.models.autoencoder import (
     autoencoder_fingerprint,
+    autoencoder_kind,
     autoencoder_loss,
     build_autoencoder,
     decode_latents,
@@ -35,7 +36,7 @@ from sparsediff.models.autoencoder import (
     reconstruct,
 )
 from sparsediff.models.unet import build_unet
-from sparsediff.pipelines.base import Pipeline
+from sparsediff.pipelines.base import Pipeline, sample_seeds
 from sparsediff.training.distributed import Dist, barrier
 from sparsediff.training.loop import Task, Trainer, seed_stage
 
@@ -277,6 +278,50 @@ class LatentDiffusion(Pipeline):
         with torch.no_grad(), counter:
             self.ae.decode(torch.zeros(1, *self.latent_shape, device=device))
         return float(counter.get_total_flops())
+
+    # ------------------------------------------------------------------ export
+    def export(self, denoiser: nn.Module, out: Path) -> str:
+        """A diffusers ``LDMPipeline`` folder that gives our images for the same sample seeds."""
+        from diffusers import LDMPipeline  # heavy: only when exporting
+
+        _, height, width = self.latent_shape
+        if height != width:
+            raise ValueError(f"LDMPipeline samples square latents; this run's are {height}×{width}")
+        # LDMPipeline decodes vqvae.decode(z / scaling_factor) (a VQModel quantises inside
+        # decode, as we do). Ours: VQ decodes z / scale, KL z / scale / its own scaling factor.
+        factor = self.scale
+        if autoencoder_kind(self.ae) == "kl":
+            factor *= float(self.ae.config.scaling_factor)
+        self.ae.register_to_config(scaling_factor=factor)
+        # the scheduler our DDIM sampler builds (CompVis settings: leading, offset 1, ᾱ_0 last)
+        scheduler = build_sampling_scheduler(self.scheduler(), "ddim")
+        LDMPipeline(vqvae=self.ae, unet=denoiser, scheduler=scheduler).save_pretrained(out)
+        return "unet/diffusion_pytorch_model.safetensors"
+
+    def export_card(self, folder: str) -> dict[str, Any]:
+        """Plain diffusers, with the seeds of ``sparsediff sample --seed 0 --num 4``."""
+        s = self.cfg.sample
+        steps, eta = (s.steps, s.eta) if s.sampler == "ddim" else (50, 0.0)
+        usage = (
+            "import torch\nfrom diffusers import DiffusionPipeline\n\n"
+            f'pipe = DiffusionPipeline.from_pretrained("{folder}")\n'
+            f"seeds = {sample_seeds(0, 0, 4)}  # those of `sparsediff sample --seed 0 --num 4`\n"
+            f"images = pipe(batch_size=len(seeds), num_inference_steps={steps}, eta={eta}, "
+            "generator=[torch.Generator().manual_seed(s) for s in seeds]).images\n"
+        )
+        note = (
+            "Same images as sparsediff for the same sample seeds, bit for bit on the CPU: at "
+            "η = 0 with one generator per image as above; at any η draw one image per call "
+            "after `torch.manual_seed(seed)`, passing no generator (LDMPipeline draws its DDIM "
+            "noise from the global generator). Floats can differ by ~1e-6 between batch sizes "
+            "(CPU kernels), below one uint8 level."
+        )
+        card = {
+            "library_name": "diffusers",
+            "pipeline_tag": "unconditional-image-generation",
+            "tags": ["latent-diffusion", "diffusers:LDMPipeline"],
+        }
+        return {"title": "Latent Diffusion", "card": card, "usage": usage, "notes": [note, ""]}
 
     # ------------------------------------------------------------------ studies
     @classmethod

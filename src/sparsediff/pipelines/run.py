@@ -18,18 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 import sparsediff
 from sparsediff.config import RunConfig, flatten, read_run_config
-from sparsediff.io import atomic_write, read_json, write_json
+from sparsediff.io import read_json, write_json
+from sparsediff.models.condense import load_condensed, read_condensed_info
 from sparsediff.pipelines.base import Pipeline, sample_seeds
 from sparsediff.pipelines.registry import get_pipeline
 from sparsediff.training.checkpoint import load_checkpoint
 from sparsediff.training.distributed import Dist, barrier, setup
 from sparsediff.training.loop import Trainer, seed_stage
-from sparsediff.weights import load_weights, save_compact
+from sparsediff.weights import load_weights, save_compact, save_weights
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -62,12 +62,6 @@ def environment(dist: Dist, cfg: RunConfig) -> dict[str, Any]:
         "precision": cfg.train.precision,
         "tf32": bool(cfg.train.tf32 and cuda),
     }
-
-
-def export_weights(model: nn.Module, path: Path) -> Path:
-    """Save a model's plain state dict (sparse weights are zeros) as safetensors."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
 # What may change when a run is resumed: how it is run and watched, not what it trains.
@@ -170,7 +164,7 @@ def train(
     summary: dict[str, Any] = {"step": state.step, **pipeline.summary()}
     if state.step >= cfg.train.steps and dist.is_main:
         final = trainer.ema.module if trainer.ema else trainer.model
-        export_weights(final, run_dir / WEIGHTS_FILE)
+        save_weights(final, run_dir / WEIGHTS_FILE)
         save_compact(final.state_dict(), run_dir / COMPACT_WEIGHTS_FILE)  # exact, fp32 values
         trainer.write_grid(run_dir / SAMPLES_FILE)
         if trainer.sparse is not None:
@@ -185,15 +179,22 @@ def load_run(
 ) -> tuple[Pipeline, nn.Module]:
     """A finished run's pipeline (ready to generate) and its denoiser on ``device``.
 
-    ``ema=False`` takes the live weights of the final checkpoint instead of the EMA copy.
+    ``ema=False`` takes the live weights of the final checkpoint instead of the EMA copy. A
+    folder written by ``sparsediff condense`` loads the same way (its smaller network).
     """
     run_dir = Path(run_dir)
     device = torch.device(device)
     cfg = read_run_config(run_dir)
-    pipeline = get_pipeline(cfg.pipeline)(cfg, run_dir)
+    condensed = read_condensed_info(run_dir)  # a condensed copy reads its run's frozen parts
+    source = Path(condensed["source"]) if condensed else run_dir
+    pipeline = get_pipeline(cfg.pipeline)(cfg, source)
     pipeline.load(device)
     denoiser = pipeline.build_denoiser()
-    if ema:
+    if condensed:
+        if not ema:
+            raise ValueError(f"{run_dir} holds a condensed EMA denoiser only")
+        denoiser = load_condensed(denoiser, run_dir)
+    elif ema:
         path = run_dir / WEIGHTS_FILE
         if not path.exists() and (run_dir / COMPACT_WEIGHTS_FILE).exists():
             path = run_dir / COMPACT_WEIGHTS_FILE  # the dense file may be dropped to save space
