@@ -188,7 +188,9 @@ def test_safe_values_with_seed_spread():
         "MagRan (p=0.05) at 50%",
     }
     by_label = {v.setting.label: v for v in verdicts}
-    assert by_label["RigL (p=0.05) at 50%"].beats
+    assert by_label["RigL (p=0.05) at 50%"].beats  # 9.50 < 11.00 - 1.41
+    assert not by_label["MagRan (p=0.05) at 50%"].beats  # 10.00: lower, but inside the spread
+    assert "matches dense" in by_label["MagRan (p=0.05) at 50%"].describe()
     assert not by_label["RigL (p=0.05) at 90%"].beats  # matches within the spread, not better
     assert math.isclose(by_label["RigL (p=0.05) at 90%"].tolerance, math.sqrt(2))
     assert by_label["MagRan (p=0.05) at 50%"].weak

@@ -4,7 +4,8 @@ A *setting* is (dataset, method, p, sparsity), aggregated over seeds as mean and
 deviation (``Stat``; the std needs >= 2 seeds). A sparse setting is *safe* when its mean FID <=
 dense mean + tolerance, where the tolerance is the larger of the known standard deviations of
 dense and the setting (known = >= 2 seeds); with neither known it is ``rel_tol`` (``REL_TOL``, 5%)
-of the dense mean, and the verdict is weak. ``sample_sizes`` collects the FID sample counts and
+of the dense mean, and the verdict is weak. It *beats* dense only when its mean FID is below
+dense mean - tolerance: a lower mean inside the noise is a match, not a win. ``sample_sizes`` collects the FID sample counts and
 seed counts behind a dataset's numbers, for the report's titles and small-sample warning.
 """
 
@@ -221,7 +222,7 @@ def judge(setting: Setting, dense: Stat, rel_tol: float = REL_TOL) -> Verdict | 
         tolerance=tolerance,
         rule=rule,
         safe=fid.mean <= dense.mean + tolerance,
-        beats=fid.mean < dense.mean,
+        beats=fid.mean < dense.mean - tolerance,  # better only beyond the noise
         weak=min(fid.n, dense.n) < 2,
     )
 
