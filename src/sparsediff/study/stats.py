@@ -5,8 +5,9 @@ deviation (``Stat``; the std needs >= 2 seeds). A sparse setting is *safe* when 
 dense mean + tolerance, where the tolerance is the larger of the known standard deviations of
 dense and the setting (known = >= 2 seeds); with neither known it is ``rel_tol`` (``REL_TOL``, 5%)
 of the dense mean, and the verdict is weak. It *beats* dense only when its mean FID is below
-dense mean - tolerance: a lower mean inside the noise is a match, not a win. ``sample_sizes`` collects the FID sample counts and
-seed counts behind a dataset's numbers, for the report's titles and small-sample warning.
+dense mean - tolerance: a lower mean inside the noise is a match, not a win. ``sample_sizes``
+collects the FID sample counts and seed counts behind a dataset's numbers, for the report's
+titles and small-sample warning.
 """
 
 from __future__ import annotations
