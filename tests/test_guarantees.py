@@ -232,3 +232,17 @@ def test_threads_default_is_half_the_cores(monkeypatch):
     assert run_module.default_threads() == 1
     monkeypatch.setattr(run_module.os, "cpu_count", lambda: 64)
     assert run_module.default_threads() == 8
+
+
+def test_a_run_and_the_places_it_shares_can_be_moved_together(tmp_path, fmnist_dir):
+    from sparsediff.config import load_config
+    from sparsediff.pipelines import train
+
+    sets = {"data.path": str(fmnist_dir), "train.progress": False, "train.device": "cpu"}
+    sets |= {"autoencoder.dir": "../shared/autoencoder", "data.cache_dir": "../shared/latents"}
+    train(load_config("ldm-tiny", sets), tmp_path / "study" / "run")  # as a study stores them
+    assert (tmp_path / "study" / "shared" / "autoencoder").is_dir()
+    (tmp_path / "study").rename(tmp_path / "moved")
+    out = tmp_path / "s.png"
+    assert main(["sample", str(tmp_path / "moved" / "run"), "--num", "2", "--out", str(out)]) == 0
+    assert out.exists()

@@ -6,9 +6,7 @@ from fnmatch import fnmatchcase
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-# Modules whose `weight` is a dense matrix/kernel that sparse training prunes.
-_WEIGHT_LAYERS = (
-    nn.Linear,
+CONV_LAYERS = (
     nn.Conv1d,
     nn.Conv2d,
     nn.Conv3d,
@@ -16,6 +14,8 @@ _WEIGHT_LAYERS = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
+# Modules whose `weight` is a dense matrix/kernel that sparse training prunes.
+_WEIGHT_LAYERS = (nn.Linear, *CONV_LAYERS)
 # MultiheadAttention input projections (out_proj is an nn.Linear and is caught above).
 _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 

@@ -21,15 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .selection import CONV_LAYERS
+
 _HALF = (torch.float16, torch.bfloat16)
-_CONVS = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
+_CONVS = CONV_LAYERS
 # Modules that read their Linear layers' weights directly (fused paths): left dense.
 _READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _FALLBACK_MIN_SHAPE = (32, 64)  # CUTLASS fp16/bf16, the stricter backend
