@@ -124,6 +124,9 @@ def test_training_flops_per_step():
     assert flops.training_flops_per_step(100, 30, "magran", 4) == 90
     # (3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1) = (360 + 60 + 100) / 5
     assert flops.training_flops_per_step(100, 30, "rigl", 4) == pytest.approx(104)
+    # a run of 20 steps with updates at 4, 8 and 12 (stop at 0.75 * 20 = 15): 3 dense gradients
+    run = flops.training_flops_per_step(100, 30, "rigl", 4, total_steps=20, stop_fraction=0.75)
+    assert run == pytest.approx(90 + 3 * (100 - 30) / 20)
     with pytest.raises(ValueError, match="method"):
         flops.training_flops_per_step(100, 30, "set", 4)
     with pytest.raises(ValueError, match="update_interval"):

@@ -192,7 +192,9 @@ def run_cost(
     if condensed:  # training was masked: its costs are the masked model's
         trained = (condensed["flops_dense"], condensed["flops_masked"])
         report = FlopReport(condensed["flops_dense"], report.dense, report.per_layer, report.other)
-    step = training_flops_per_step(*trained, s.method, s.update_interval)
+    step = training_flops_per_step(
+        *trained, s.method, s.update_interval, cfg.train.steps, s.stop_fraction
+    )
     decode, nfe = pipeline.decode_flops(device), plan.sampling.steps
     cost = cost_fields(total, nonzero, report, decode, nfe, step, samples_seen, seconds)
     if condensed:

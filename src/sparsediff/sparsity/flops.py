@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from .engine import SparseTraining
 from .methods import METHODS
+from .schedules import stop_step
 from .selection import unwrap
 
 
@@ -187,12 +188,20 @@ def inference_flops(
 
 
 def training_flops_per_step(
-    dense_flops: float, sparse_flops: float, method: str, update_interval: int = 100
+    dense_flops: float,
+    sparse_flops: float,
+    method: str,
+    update_interval: int = 100,
+    total_steps: int | None = None,
+    stop_fraction: float = 1.0,
 ) -> float:
-    """Training FLOPs of one optimizer step (forward + backward ≈ 3 forwards).
+    """Training FLOPs of one optimizer step (forward + backward ≈ 3 forwards), on average.
 
     dense: ``3 f_D``; static and MagRan: ``3 f_S``; RigL (any method whose update step also
-    needs the dense gradient): ``(3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)``.
+    needs the dense gradient, ``2 f_S + f_D`` instead of ``3 f_S``): over a run of
+    ``total_steps`` whose updates stop at ``stop_fraction``, ``3 f_S + U (f_D - f_S) / T`` with
+    ``U`` the number of update steps the engine makes; without ``total_steps``, the RigL paper's
+    ``(3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)`` (updates never stop).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
@@ -204,5 +213,8 @@ def training_flops_per_step(
         return 3.0 * dense_flops
     if METHODS[method].needs_dense_grad:
         dt = update_interval
-        return (3.0 * sparse_flops * dt + 2.0 * sparse_flops + dense_flops) / (dt + 1)
+        if total_steps is None:
+            return (3.0 * sparse_flops * dt + 2.0 * sparse_flops + dense_flops) / (dt + 1)
+        updates = math.floor(stop_step(total_steps, stop_fraction) / dt)  # steps dt, 2 dt, ...
+        return 3.0 * sparse_flops + updates * (dense_flops - sparse_flops) / total_steps
     return 3.0 * sparse_flops
