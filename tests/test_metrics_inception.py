@@ -72,6 +72,11 @@ def net():
 
 
 @pytest.fixture(scope="module")
+def reference_net():
+    return InceptionFeatures(reference=True)
+
+
+@pytest.fixture(scope="module")
 def images():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (3, 3, 16, 16), generator=g, dtype=torch.uint8)
@@ -111,3 +116,50 @@ def test_real_inception_shape_and_fid_of_set_with_itself(net, images):
 def test_grey_input_is_repeated_to_rgb(net, images):
     grey = images[:, :1]
     torch.testing.assert_close(net.preprocess(grey), net.preprocess(grey.expand(-1, 3, -1, -1)))
+
+
+@pytest.mark.parametrize("size", [(2, 3), (32, 32), (64, 20), (299, 299), (300, 301)])
+def test_matmul_resize_matches_index_resize_to_float_rounding(size):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (2, 3, *size), generator=g).float()
+    fast = inception.tf1_bilinear_resize_matmul(x, 299)
+    # 2 ulp of 255: the BLAS may round a*(1-f) + b*f once (FMA) instead of twice
+    torch.testing.assert_close(fast, inception.tf1_bilinear_resize(x, 299), rtol=0, atol=4e-5)
+
+
+def test_matmul_resize_of_hand_computed_case_is_exact():
+    # Same 2x2 -> 4x4 case as test_metrics_resize: a row [a, b] becomes [a, (a+b)/2, b, b].
+    x = torch.tensor([[0.0, 4.0], [8.0, 12.0]]).view(1, 1, 2, 2)
+    expected = torch.tensor([[0.0, 2.0, 4.0, 4.0], [4.0, 6.0, 8.0, 8.0], [8.0, 10.0, 12.0, 12.0]])
+    out = inception.tf1_bilinear_resize_matmul(x, 4)[0, 0]
+    torch.testing.assert_close(out, expected[[0, 1, 2, 2]], rtol=0, atol=0)
+
+
+@needs_wheel
+def test_optimised_path_matches_reference_path(net, reference_net):
+    # The documented tolerance (docs/benchmarks.md, "Inception features"): max abs feature
+    # difference <= 1e-5 x the largest feature (measured about 1e-6), FID within 1e-4 relative.
+    assert not net.reference and reference_net.reference
+    g = torch.Generator().manual_seed(2)
+    grey = torch.randint(0, 256, (6, 1, 32, 32), generator=g, dtype=torch.uint8)
+    rgb = torch.randint(0, 256, (6, 3, 64, 64), generator=g, dtype=torch.uint8) // 2
+    torch.testing.assert_close(
+        net.preprocess(grey), reference_net.preprocess(grey), rtol=0, atol=4e-5 / 128
+    )
+    feats = {}
+    for name, module in (("opt", net), ("ref", reference_net)):
+        feats[name] = [extract_features(x, module, batch_size=4) for x in (grey, rgb)]
+    for opt, ref in zip(feats["opt"], feats["ref"]):
+        assert (opt - ref).abs().max() <= 1e-5 * ref.abs().max()
+        assert not torch.equal(opt, ref)  # really two different computations
+    fid_opt, fid_ref = fid_from_features(*feats["opt"]), fid_from_features(*feats["ref"])
+    assert fid_ref > 1 and abs(fid_opt - fid_ref) <= 1e-4 * fid_ref
+
+
+@needs_wheel
+def test_optimised_network_runs_channels_last(net):
+    x = net.preprocess(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    conv = next(m for m in net.net.modules() if isinstance(m, inception._FoldedConv))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(p.requires_grad for p in net.parameters())
