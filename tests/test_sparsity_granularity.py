@@ -198,6 +198,17 @@ def test_nm_keeps_layers_it_cannot_structure_dense_and_reports_them():
     assert stats["kept_dense"] == ["conv_in.weight"]
     assert stats["layer_density"]["conv.weight"] == 0.5  # distribution does not apply
     assert stats["layer_density"]["gru.weight_ih_l0"] == 0.5
+    # also when it fits no layer at all (every row length odd): still said, not silent
+    odd = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Linear(5, 2))
+    with pytest.warns(UserWarning, match="kept dense"):
+        sparse = SparseTraining(
+            odd,
+            torch.optim.SGD(odd.parameters(), lr=0.1),
+            sparsity=0.5,
+            granularity="2:4",
+            total_steps=100,
+        )
+    assert sparse.stats()["kept_dense"] == ["0.weight", "1.weight"]
 
 
 def test_nm_select_by_hand():

@@ -94,7 +94,8 @@ def check_settings(
     _check_choice(f"{prefix}distribution", distribution, DISTRIBUTIONS)
     fixed = parse_granularity(granularity, f"{prefix}granularity").fixed_sparsity
     # n:m fixes the density; the dense baseline ignores both sparsity and granularity.
-    if fixed is not None and method != "dense" and not math.isclose(sparsity, fixed, abs_tol=1e-6):
+    dense = METHODS[method].all_dense
+    if fixed is not None and not dense and not math.isclose(sparsity, fixed, abs_tol=1e-6):
         raise ValueError(
             f"{prefix}sparsity must be {fixed:.6g} (1 - n/m) with {prefix}granularity = "
             f"{granularity!r}, got {sparsity!r}"
@@ -270,7 +271,7 @@ class SparseTraining:
         # Layers the granularity cannot structure (n:m with a row length not a multiple of m);
         # not worth a word for the dense baseline, which structures nothing.
         cannot = [n for n, s in shapes.items() if self._granularity.unit_shape(s) is None]
-        self._kept_dense = cannot if any(v is not None for v in plan.values()) else []
+        self._kept_dense = [] if self._method.all_dense else cannot
         if self._kept_dense:
             warnings.warn(
                 f"granularity {granularity!r} cannot apply to {self._kept_dense}; kept dense",
@@ -292,6 +293,10 @@ class SparseTraining:
         self._apply_masks()
         self._masks = types.MappingProxyType({layer.name: layer.mask for layer in self._layers})
         self._handle: Any = optimizer.register_step_post_hook(self._after_step)
+        # a loaded optimizer state holds new tensors: the cached lists must be rebuilt
+        self._load_handle: Any = optimizer.register_load_state_dict_post_hook(
+            self._forget_state_lists
+        )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -368,15 +373,30 @@ class SparseTraining:
 
     def _zero_inactive_state(self) -> None:
         """Zero the optimizer state at inactive entries (gradients are not masked, so the
-        step wrote there), so that it is exactly as sparse as the weights."""
-        states, masks = [], []
-        for layer in self._hot_layers:
-            for state in self._optimizer_state(layer):
-                states.append(state)
-                same = state.dtype == layer.fmask.dtype and state.device == layer.fmask.device
-                masks.append(layer.fmask if same else layer.mask.to(state.device, state.dtype))
-        if states:
-            torch._foreach_mul_(states, masks)
+        step wrote there), so that it is exactly as sparse as the weights.
+
+        The (state, mask) lists are built once the optimizer has made its state and kept until
+        the masks or the optimizer's state are replaced, so a step costs one multiply.
+        """
+        lists = self._state_lists
+        if lists is None:
+            lists, with_state = ([], []), 0
+            for layer in self._hot_layers:
+                found = self._optimizer_state(layer)
+                with_state += bool(found)
+                for state in found:
+                    same = state.dtype == layer.fmask.dtype and state.device == layer.fmask.device
+                    lists[0].append(state)
+                    lists[1].append(
+                        layer.fmask if same else layer.mask.to(state.device, state.dtype)
+                    )
+            if with_state == len(self._hot_layers):  # else some state is still to be made
+                self._state_lists = lists
+        if lists[0]:
+            torch._foreach_mul_(*lists)
+
+    def _forget_state_lists(self, *args: Any) -> None:
+        self._state_lists: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def _update(self, fraction: float) -> None:
         """Drop and regrow ``fraction`` of every layer's active units (the reference RigL rule).
@@ -419,10 +439,11 @@ class SparseTraining:
             param.masked_fill_(changed, 0)
             for state in self._optimizer_state(layer):
                 state.masked_fill_(changed.to(state.device), 0)
-            if layer.name in emas:  # EMA follows the live value at every changed entry
-                ema = emas[layer.name]
-                ema.copy_(torch.where(changed.to(ema.device), param.to(ema.device), ema))
-            dropped[layer.name], grown[layer.name] = int(lost.sum()), int(gained.sum())
+            if layer.name in emas:  # the live value at every changed entry is zero
+                emas[layer.name].masked_fill_(changed.to(emas[layer.name].device), 0)
+            # every granularity keeps a layer's density: as many grown as dropped, one sync
+            dropped[layer.name] = grown[layer.name] = int(lost.sum())
+        self._forget_state_lists()  # masks in another dtype were copied
         if any(layer.param.is_cuda for layer in self._layers):
             torch.cuda.synchronize()
         self._last = {
@@ -454,6 +475,7 @@ class SparseTraining:
         """Zero masked entries of the model (and EMA) and cache the per-step multiply lists."""
         sparse = [layer for layer in self._layers if layer.active < layer.mask.numel()]
         self._hot_layers = sparse
+        self._forget_state_lists()
         self._hot_params = [layer.param for layer in sparse]
         self._hot_masks = [layer.fmask for layer in sparse]
         emas = self._ema_tensors()
@@ -604,6 +626,7 @@ class SparseTraining:
         """Detach from the optimizer; masks stop being enforced. Safe to call twice."""
         if self._handle is not None:
             self._handle.remove()
+            self._load_handle.remove()
             self._handle = None
 
     def __enter__(self) -> "SparseTraining":

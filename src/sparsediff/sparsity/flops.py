@@ -209,7 +209,7 @@ def training_flops_per_step(
         raise ValueError(f"update_interval must be an integer >= 1, got {update_interval!r}")
     if update_interval < 1:
         raise ValueError(f"update_interval must be an integer >= 1, got {update_interval!r}")
-    if method == "dense":
+    if METHODS[method].all_dense:
         return 3.0 * dense_flops
     if METHODS[method].needs_dense_grad:
         dt = update_interval

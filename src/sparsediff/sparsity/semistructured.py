@@ -24,7 +24,6 @@ from torch import nn
 from .selection import CONV_LAYERS
 
 _HALF = (torch.float16, torch.bfloat16)
-_CONVS = CONV_LAYERS
 # Modules that read their Linear layers' weights directly (fused paths): left dense.
 _READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _FALLBACK_MIN_SHAPE = (32, 64)  # CUTLASS fp16/bf16, the stricter backend
@@ -131,7 +130,7 @@ def to_semi_structured(model: nn.Module, quiet: bool = False) -> SemiStructuredR
     for name, module in model.named_modules():
         if isinstance(module, _READS_WEIGHTS):
             fused.append(name + ".")
-        if isinstance(module, _CONVS):
+        if isinstance(module, CONV_LAYERS):
             report.skipped[name] = "convolution (no semi-structured kernel)"
         if not isinstance(module, nn.Linear):
             continue
