@@ -152,7 +152,8 @@ def load_npz_safe(
             members = {
                 m.filename[: -len(".npy")]: m for m in zf.infolist() if m.filename.endswith(".npy")
             }
-            for name in members if names is None else [n for n in names if n in members]:
+            missing = [n for n in names or () if n not in members]  # said after the archive
+            for name in [] if missing else names or members:
                 if members[name].file_size > max_bytes:
                     raise ValueError(
                         f"member {name!r} holds {members[name].file_size} bytes, more than the "
@@ -166,12 +167,9 @@ def load_npz_safe(
         if isinstance(err, UnsafePickleError):
             raise UnsafePickleError(f"{path}: {err}") from None
         raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+    if missing:
+        raise ValueError(f"{path} has no {missing[0]!r}; available: {sorted(members)}")
     return out
-
-
-def _not_npz(path: str | Path) -> zipfile.ZipFile:
-    Path(path).stat()  # a missing file: FileNotFoundError names it
-    raise ValueError(f"{path}: not a readable .npz file (not a zip archive)")
 
 
 def _object_array(items: Sequence[np.ndarray]) -> np.ndarray:
@@ -220,12 +218,7 @@ def load_stroke3_npz(
 
     Returns sketches (cumulative positions) and a report; at most ``limit`` entries are read.
     """
-    with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else _not_npz(path) as zf:
-        available = sorted(n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy"))
-    if split not in available:
-        raise ValueError(f"{path} has no split {split!r}; available: {available}")
-    data = load_npz_safe(path, [split])
-    entries = data[split]
+    entries = load_npz_safe(path, [split])[split]
     if limit is not None:
         entries = entries[:limit]
     report, sketches = LoadReport(), []

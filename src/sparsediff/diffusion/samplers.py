@@ -9,7 +9,7 @@ Diffusers schedulers are the schedule source (ᾱ_t, timestep spacing). DDIM ste
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,10 +43,6 @@ class SamplingSettings:
             raise ValueError(
                 f"eta and variance_scale must be >= 0, got {self.eta}, {self.variance_scale}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a flat, JSON-ready dict."""
-        return asdict(self)
 
 
 def _config_dict(scheduler_config: Any) -> tuple[dict[str, Any], str | None]:
@@ -171,18 +167,19 @@ def run_sampler(
         if x_T is None
         else x_T.to(device).float()
     )
+
+    def noise() -> torch.Tensor:
+        drawn = _randn(x.shape, generator, device, noise_shape)
+        return drawn if variance_scale == 1 else drawn.mul_(variance_scale)
+
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=f"{sampler} sampling")):
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         eps = model_fn(x, t_batch).float()
         if sampler == "ddim":
-            noise = None
-            if eta > 0:
-                noise = variance_scale * _randn(x.shape, generator, device, noise_shape)
-            x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+            x = sched.step(eps, t, x, eta=eta, variance_noise=noise() if eta > 0 else None)
+            x = x.prev_sample
         else:
             prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            noise = None
-            if t > 0 and variance_scale != 0:
-                noise = variance_scale * _randn(x.shape, generator, device, noise_shape)
-            x = ddpm_step(sched, eps, t, prev_t, x, noise)
+            drawn = noise() if t > 0 and variance_scale != 0 else None
+            x = ddpm_step(sched, eps, t, prev_t, x, drawn)
     return x

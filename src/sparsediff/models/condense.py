@@ -43,10 +43,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparsediff.io import atomic_write, read_json, write_json
+from sparsediff.io import read_json, write_json
+from sparsediff.weights import load_weights, save_weights
 
 FORMAT = "sparsediff.condensed/1"
 PLAN_FILE = "condensed.json"
@@ -459,8 +459,7 @@ def save_condensed(
 ) -> Path:
     """Write ``condensed.json`` (format, plan, ``info``) and ``condensed.safetensors``."""
     directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    save_weights(model, directory / WEIGHTS_FILE)
     write_json(directory / PLAN_FILE, {"format": FORMAT, **info, "plan": plan})
     return directory
 
@@ -482,5 +481,5 @@ def load_condensed(plain: nn.Module, directory: str | Path) -> nn.Module:
     if info is None:
         raise FileNotFoundError(f"{Path(directory) / PLAN_FILE} is missing")
     model = apply_plan(plain, info["plan"])
-    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
+    model.load_state_dict(load_weights(Path(directory) / WEIGHTS_FILE))
     return model

@@ -39,13 +39,14 @@ from sparsediff.metrics import (
 )
 from sparsediff.models.condense import read_condensed_info
 from sparsediff.pipelines.base import Pipeline, sample_seeds
-from sparsediff.pipelines.run import CONFIG_FILE, load_run, resolve_device
+from sparsediff.pipelines.run import CONFIG_FILE, load_run
 from sparsediff.sparsity.flops import (
     FlopReport,
     count_parameters,
     inference_flops,
     training_flops_per_step,
 )
+from sparsediff.training.distributed import resolve_device
 from sparsediff.training.tensorboard import log_scalars, stage_dir
 
 
@@ -224,9 +225,10 @@ def evaluate(
     the Inception network (tests use a tiny one); ``cache_dir`` the reference cache.
     """
     run_dir = Path(run_dir)
-    e = read_run_config(run_dir).eval
+    cfg = read_run_config(run_dir)
+    e = cfg.eval
     use_ema = ema if ema is not None else e.ema
-    pipeline, denoiser = load_run(run_dir, resolve_device(device), use_ema)
+    pipeline, denoiser = load_run(run_dir, resolve_device(device), use_ema, cfg)
     plan = EvaluationPlan(
         num_samples=num_samples if num_samples is not None else e.num_samples,
         sampling=pipeline.sampling(e, sampler, steps, eta),
@@ -294,6 +296,6 @@ def evaluate(
     }
     path = write_json(run_dir / f"{plan.record_name()}.json", record)
     train = pipeline.cfg.train
-    if getattr(train, "tensorboard", True):  # beside the training curves, at the final step
+    if train.tensorboard:  # beside the training curves, at the final step
         log_scalars(stage_dir(run_dir), train.steps, metrics, f"{plan.record_name()}/")
     return {**record, "record": str(path)}

@@ -34,12 +34,11 @@ from sparsediff.io import read_json, write_text
 from sparsediff.models.condense import condense, read_condensed_info, save_condensed
 from sparsediff.pipelines.base import Pipeline
 from sparsediff.pipelines.chirodiff import ChiroDiff
-from sparsediff.pipelines.run import CONFIG_FILE, DONE_FILE, load_run
+from sparsediff.pipelines.run import COMPACT_WEIGHTS_FILE, CONFIG_FILE, DONE_FILE, load_run
 from sparsediff.sparsity.flops import count_parameters, inference_flops
 from sparsediff.weights import compact_size_report, parse_dtype, save_compact
 
 CARD_FILE = "README.md"
-COMPACT_FILE = "model.compact.safetensors"
 
 
 def export_run(
@@ -73,8 +72,8 @@ def export_run(
         dense_file = pipeline.export(denoiser, tmp)
         sizes = None
         if compact:
-            save_compact(denoiser.state_dict(), tmp / COMPACT_FILE, value_dtype)
-            sizes = compact_size_report(tmp / COMPACT_FILE, tmp / dense_file)
+            save_compact(denoiser.state_dict(), tmp / COMPACT_WEIGHTS_FILE, value_dtype)
+            sizes = compact_size_report(tmp / COMPACT_WEIGHTS_FILE, tmp / dense_file)
         card = model_card(pipeline, denoiser, out_dir.name, sizes)
         write_text(tmp / CARD_FILE, card)
         if out_dir.exists() and any(out_dir.iterdir()):
@@ -204,8 +203,7 @@ def model_card(
     tags = ["sparse", "sparse-training", "diffusion", f"sparsity-{method}", "sparsediff"]
     about = pipeline.export_card(folder)
     data = ModelCardData(**{**about["card"], "tags": [*tags, *about["card"].get("tags", [])]})
-    params = sum(p.numel() for p in denoiser.parameters())
-    nonzero = sum(int(torch.count_nonzero(p)) for p in denoiser.parameters())
+    params, nonzero = count_parameters(denoiser)
     title = cfg.name or pipeline.name
     lines = [
         f"# {title}: sparse {about['title']}",
@@ -236,7 +234,7 @@ def model_card(
         lines += [
             "## Compact weights",
             "",
-            f"`{COMPACT_FILE}`: the denoiser as bit-masks + non-zero values "
+            f"`{COMPACT_WEIGHTS_FILE}`: the denoiser as bit-masks + non-zero values "
             f"(values: {compact['value_dtype'] or 'original dtype, exact'}), "
             f"{compact['compact_bytes']:,} bytes = {compact['ratio']:.3f}× the dense file. "
             "Load with `sparsediff.weights.load_weights`.",

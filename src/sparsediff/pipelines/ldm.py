@@ -7,6 +7,7 @@ sparse engine attached to the UNet and its EMA copy.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import sys
@@ -289,13 +290,14 @@ class LatentDiffusion(Pipeline):
             raise ValueError(f"LDMPipeline samples square latents; this run's are {height}×{width}")
         # LDMPipeline decodes vqvae.decode(z / scaling_factor) (a VQModel quantises inside
         # decode, as we do). Ours: VQ decodes z / scale, KL z / scale / its own scaling factor.
+        ae = copy.deepcopy(self.ae)  # this pipeline keeps sampling with its own settings
         factor = self.scale
-        if autoencoder_kind(self.ae) == "kl":
-            factor *= float(self.ae.config.scaling_factor)
-        self.ae.register_to_config(scaling_factor=factor)
+        if autoencoder_kind(ae) == "kl":
+            factor *= float(ae.config.scaling_factor)
+        ae.register_to_config(scaling_factor=factor)
         # the scheduler our DDIM sampler builds (CompVis settings: leading, offset 1, ᾱ_0 last)
         scheduler = build_sampling_scheduler(self.scheduler(), "ddim")
-        LDMPipeline(vqvae=self.ae, unet=denoiser, scheduler=scheduler).save_pretrained(out)
+        LDMPipeline(vqvae=ae, unet=denoiser, scheduler=scheduler).save_pretrained(out)
         return "unet/diffusion_pytorch_model.safetensors"
 
     def export_card(self, folder: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from sparsediff.models.condense import load_condensed, read_condensed_info
 from sparsediff.pipelines.base import Pipeline, sample_seeds
 from sparsediff.pipelines.registry import get_pipeline
 from sparsediff.training.checkpoint import load_checkpoint
-from sparsediff.training.distributed import Dist, barrier, setup
+from sparsediff.training.distributed import Dist, barrier, resolve_device, setup
 from sparsediff.training.loop import Trainer, seed_stage
 from sparsediff.weights import load_weights, save_compact, save_weights
 
@@ -175,16 +175,20 @@ def train(
 
 
 def load_run(
-    run_dir: str | Path, device: str | torch.device = "cpu", ema: bool = True
+    run_dir: str | Path,
+    device: str | torch.device = "cpu",
+    ema: bool = True,
+    cfg: RunConfig | None = None,
 ) -> tuple[Pipeline, nn.Module]:
     """A finished run's pipeline (ready to generate) and its denoiser on ``device``.
 
     ``ema=False`` takes the live weights of the final checkpoint instead of the EMA copy. A
     folder written by ``sparsediff condense`` loads the same way (its smaller network).
+    ``cfg``: the run's config when the caller has read it already.
     """
     run_dir = Path(run_dir)
     device = torch.device(device)
-    cfg = read_run_config(run_dir)
+    cfg = cfg or read_run_config(run_dir)
     condensed = read_condensed_info(run_dir)  # a condensed copy reads its run's frozen parts
     source = Path(condensed["source"]) if condensed else run_dir
     pipeline = get_pipeline(cfg.pipeline)(cfg, source)
@@ -207,13 +211,6 @@ def load_run(
     else:
         denoiser.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_FILE)["model"])
     return pipeline, denoiser.to(device).eval()
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def write_samples(
