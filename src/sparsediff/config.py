@@ -174,6 +174,10 @@ class SparseConfig:
     exclude: list[str] = field(default_factory=list)  # glob patterns kept dense
     include: list[str] = field(default_factory=list)  # extra glob patterns made sparse
 
+    def engine_settings(self) -> dict[str, Any]:
+        """The settings the engine takes by these names (all but the parameter patterns)."""
+        return {k: v for k, v in vars(self).items() if k not in ("exclude", "include")}
+
 
 @dataclass
 class TrainConfig(_Section):
@@ -474,8 +478,7 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"seed = {cfg.seed}; must be >= 0")
     for section in ("data", "model", "autoencoder", "diffusion", "train", "sample", "eval"):
         getattr(cfg, section).check(section)
-    rules = {k: v for k, v in vars(cfg.sparse).items() if k not in ("exclude", "include")}
-    check_settings(**rules, prefix="sparse.")
+    check_settings(**cfg.sparse.engine_settings(), prefix="sparse.")
     if cfg.sparse.method == "dense" and cfg.sparse.sparsity != 0:
         raise ValueError(
             f"sparse.sparsity = {cfg.sparse.sparsity} with sparse.method = 'dense': a dense run "

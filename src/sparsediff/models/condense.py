@@ -37,6 +37,7 @@ condensed network from the plain model by re-applying the plan, then loads the w
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -149,12 +150,24 @@ class RowSparse(nn.Module):
 
 
 def _taps(
-    size: int, out: int, kernel: int, stride: int, padding: int, dilation: int, like: torch.Tensor
+    size: int, out: int, kernel: int, stride: int, padding: int, dilation: int, device: Any
 ) -> torch.Tensor:
-    """``(out, kernel)``: 1 where kernel tap ``i`` of output position ``y`` is inside the input."""
-    pos = torch.arange(out, device=like.device)[:, None] * stride - padding
-    pos = pos + torch.arange(kernel, device=like.device)[None, :] * dilation
-    return ((pos >= 0) & (pos < size)).to(like.dtype)
+    """``(out, kernel)``: True where kernel tap ``i`` of output position ``y`` is in the input."""
+    pos = torch.arange(out, device=device)[:, None] * stride - padding
+    pos = pos + torch.arange(kernel, device=device)[None, :] * dilation
+    return (pos >= 0) & (pos < size)
+
+
+@functools.lru_cache(maxsize=64)
+def _inside(
+    size: tuple[int, ...], out: tuple[int, ...], conv: tuple, device: Any, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(kh*kw, H_out*W_out)`` 0/1: which taps of each output pixel fall inside the image;
+    depends on sizes only, so every sampler step of every block reuses it."""
+    (kh, kw), stride, padding, dilation = conv
+    rows = _taps(size[0], out[0], kh, stride[0], padding[0], dilation[0], device).to(dtype)
+    cols = _taps(size[1], out[1], kw, stride[1], padding[1], dilation[1], device).to(dtype)
+    return (rows.T[:, None, :, None] * cols.T[None, :, None, :]).reshape(kh * kw, -1)
 
 
 def _constant_through_conv(
@@ -171,9 +184,8 @@ def _constant_through_conv(
     kh, kw = conv.kernel_size
     o = weight.shape[1] // (kh * kw)
     per_tap = u @ weight  # (B, O*kh*kw)
-    rows = _taps(size[0], out[0], kh, conv.stride[0], conv.padding[0], conv.dilation[0], u)
-    cols = _taps(size[1], out[1], kw, conv.stride[1], conv.padding[1], conv.dilation[1], u)
-    inside = (rows.T[:, None, :, None] * cols.T[None, :, None, :]).reshape(kh * kw, -1)
+    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    inside = _inside(tuple(size), tuple(out), geometry, u.device, u.dtype)
     return (per_tap.view(-1, kh * kw) @ inside).view(u.shape[0], o, *out)
 
 

@@ -177,7 +177,6 @@ class LatentDiffusion(Pipeline):
         fingerprint = autoencoder_fingerprint(ae)  # hashes every weight: once per run
         extra = {
             "data": {k: v for k, v in vars(cfg.data).items() if not k.startswith("raster")},
-            "autoencoder": fingerprint,
         }
 
         def build() -> LatentDataset:

@@ -44,7 +44,7 @@ from typing import Any
 from sparsediff.config import flatten, load_config
 from sparsediff.sparsity import METHODS
 
-DYNAMIC = ("rigl", "magran")  # the methods with a prune/regrowth ratio p
+DYNAMIC = tuple(n for n, m in METHODS.items() if m.updates_masks)  # those with a ratio p
 GRID_KEYS = ("sparse.method", "sparse.sparsity", "sparse.prune_ratio", "seed")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TOP_KEYS = {

@@ -45,8 +45,8 @@ def _fid_title(settings: list[Setting], title: str) -> str:
     return f"{title}\n{sample_sizes(settings).describe()}"
 
 
-def _save(fig: Any, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+def _save(fig: Any, path: Path, dpi: int = 120) -> Path:
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 def fid_vs_sparsity_figure(settings: list[Setting], title: str, floor: float = 0.0) -> Any:
@@ -180,4 +180,4 @@ def compose_samples(
             if j == 0:
                 ax.set_ylabel(row_label(*row), fontsize=9)
     fig.suptitle(f"{title}: samples with fixed seeds (seed-0 runs)")
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return _save(fig, path, dpi=110)

@@ -19,8 +19,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from sparsediff.io import write_text
-from sparsediff.study.grid import flatten
+from sparsediff.config import flatten
+from sparsediff.io import read_json, write_text
 from sparsediff.study.plots import compose_samples, plot_fid_vs_flops, plot_fid_vs_sparsity
 from sparsediff.study.results import RESULTS_FILE, STUDY_FILE, read_results
 from sparsediff.study.stats import (
@@ -270,7 +270,7 @@ def write_report(study_dir: Path, rel_tol: float = REL_TOL) -> Path:
     if not records:
         raise ValueError(f"no results in {study_dir / RESULTS_FILE}")
     study_path = study_dir / STUDY_FILE
-    study = json.loads(study_path.read_text()) if study_path.exists() else {}
+    study = read_json(study_path) if study_path.exists() else {}
     out = study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     by_dataset = group_settings(records)

@@ -160,7 +160,8 @@ def share_work(cells: list[Cell], study_dir: Path) -> tuple[list[Cell], set[str]
             raise ValueError(f"cell {cell.id}: {exc}") from exc
         if extra:
             sharing.add(cell.dataset)
-        out.append(replace(cell, overrides={**overrides, **extra}))
+        # the pipeline that will run, whatever the study file said
+        out.append(replace(cell, pipeline=cfg.pipeline, overrides={**overrides, **extra}))
     return out, sharing
 
 

@@ -179,11 +179,10 @@ class Trainer:
         )
         self.sparse: SparseTraining | None = None
         if sparse_cfg is not None:
-            rules = {k: v for k, v in vars(sparse_cfg).items() if k not in ("exclude", "include")}
             self.sparse = SparseTraining(
                 self.wrapped,
                 self.optimizer,
-                **rules,
+                **sparse_cfg.engine_settings(),
                 total_steps=cfg.steps,
                 ema=self.ema.module if self.ema else None,
                 seed=seed,
@@ -251,7 +250,8 @@ class Trainer:
         if self.dist.is_main and self.log_path.exists():
             lines = self.log_path.read_text().splitlines()
             kept = [line for line in lines if _logged_step(line) <= self.state.step]
-            write_text(self.log_path, "".join(line + "\n" for line in kept))
+            if len(kept) < len(lines):
+                write_text(self.log_path, "".join(line + "\n" for line in kept))
         self.events.resume_at(self.state.step)
         return found
 
