@@ -183,31 +183,28 @@ def test_sparse_config_granularity_reaches_the_engine_rules():
         check_settings(**{**rules, "granularity": "rows"}, prefix="sparse.")
 
 
+def _two_four(model):
+    return SparseTraining(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        sparsity=0.5,
+        granularity="2:4",
+        total_steps=100,
+    )
+
+
 def test_nm_keeps_layers_it_cannot_structure_dense_and_reports_them():
     model = _net()
     with pytest.warns(UserWarning, match=r"conv_in\.weight"):
-        sparse = SparseTraining(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            sparsity=0.5,
-            granularity="2:4",
-            total_steps=100,
-        )
+        sparse = _two_four(model)
     assert sparse.masks["conv_in.weight"].all()  # rows of 3*3*3 = 27 weights
     stats = sparse.stats()
     assert stats["kept_dense"] == ["conv_in.weight"]
     assert stats["layer_density"]["conv.weight"] == 0.5  # distribution does not apply
     assert stats["layer_density"]["gru.weight_ih_l0"] == 0.5
     # also when it fits no layer at all (every row length odd): still said, not silent
-    odd = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Linear(5, 2))
     with pytest.warns(UserWarning, match="kept dense"):
-        sparse = SparseTraining(
-            odd,
-            torch.optim.SGD(odd.parameters(), lr=0.1),
-            sparsity=0.5,
-            granularity="2:4",
-            total_steps=100,
-        )
+        sparse = _two_four(torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Linear(5, 2)))
     assert sparse.stats()["kept_dense"] == ["0.weight", "1.weight"]
 
 
