@@ -88,3 +88,12 @@ def test_resolved_config_round_trips(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
     assert read_run_config(tmp_path) == cfg
     validate(cfg)  # a resolved config stays valid
+
+
+def test_split_fractions_and_unet_channels_are_checked():
+    cfg = load_config("chirodiff-tiny", {"data.split_fractions": [0.6, 0.2, 0.2]})
+    assert cfg.data.split_fractions == [0.6, 0.2, 0.2]
+    with pytest.raises(ValueError, match="data.split_fractions"):
+        load_config("chirodiff-tiny", {"data.split_fractions": [0.5, 0.5]})
+    with pytest.raises(ValueError, match="model.channels"):
+        load_config("ldm-tiny", {"model.channels": [0, 8]})

@@ -64,7 +64,7 @@ class Squares(Pipeline):
     def to_images(self, samples):
         return to_uint8(samples).cpu()
 
-    def reference(self, split, size):
+    def reference(self, split, size, offset=0):
         return to_uint8(toy_images(size)), {"dataset": "squares"}
 
     def flop_inputs(self, device):

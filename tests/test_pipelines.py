@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sparsediff.cli import main
-from sparsediff.pipelines import evaluate
+from sparsediff.pipelines import evaluate, noise_floors
 
 
 class TinyFeatures(nn.Module):
@@ -234,3 +234,50 @@ def test_condensed_channel_run_samples_and_evaluates_like_the_run(tmp_path, ldm_
     assert cut["params_total"] < full["params_total"] == cut["params_dense_total"]
     assert cut["inference_flops"] < cut["inference_flops_dense"] == full["inference_flops_dense"]
     assert cut["train_flops"] == pytest.approx(full["train_flops"])
+
+
+def test_noise_floors_and_scores_against_reconstructions(tmp_path, ldm_sets):
+    run = tmp_path / "run"
+    train("ldm-tiny", run, *ldm_sets)
+    cache = tmp_path / "cache"
+    floors = noise_floors(run, feature_module=TinyFeatures(), cache_dir=cache)
+    proto = floors["protocol"]
+    # the second real set: the 8 test images after the reference's 8, disjoint from them
+    assert proto["reference"]["size"] == proto["second_set"]["size"] == 8
+    assert proto["second_set"]["offset"] == "8" and "offset" not in proto["reference"]
+    real, recon = floors["floors"]["real_vs_real"], floors["floors"]["autoencoder"]
+    assert real["num_real"] == real["num_fake"] == 8
+    assert real["fid"] > 0 and recon["fid"] > 0  # different images: neither is zero
+    assert recon["fid"] != real["fid"]
+    assert json.loads((run / "floors.json").read_text())["floors"] == floors["floors"]
+
+    # scored against the reconstructions of the reference images too: a different number
+    record = evaluate(run, feature_module=TinyFeatures(), cache_dir=cache)
+    vs_recon = record["metrics_vs_reconstructions"]
+    assert vs_recon["num_real"] == 8 and vs_recon["fid"] != record["metrics"]["fid"]
+    # the reconstructions' features are cached under their own key, beside the images'
+    assert len(list(cache.rglob("*.safetensors"))) == 4  # ref, 2nd set, and each reconstructed
+
+    # Fashion-MNIST's "valid" is its test split: the same images are no second set
+    with pytest.raises(ValueError, match="reference images themselves"):
+        noise_floors(run, feature_module=TinyFeatures(), cache_dir=cache, floor_split="valid")
+
+    # a second set that cannot match the reference's size is refused, not silently smaller
+    train("ldm-tiny", tmp_path / "big", *ldm_sets, "eval.reference_size=16")
+    with pytest.raises(ValueError, match="has no images from item 16 on"):
+        noise_floors(tmp_path / "big", feature_module=TinyFeatures(), cache_dir=cache)
+
+
+def test_chirodiff_floors_have_no_first_stage(tmp_path):
+    run = tmp_path / "run"
+    sets = ["data.split_fractions=[0.5, 0.25, 0.25]", "eval.floor_split=valid"]
+    train("chirodiff-tiny", run, *CHIRO, *sets)
+    floors = noise_floors(
+        run, feature_module=TinyFeatures(), cache_dir=tmp_path / "c", progress=False
+    )
+    assert set(floors["floors"]) == {"real_vs_real"}
+    assert floors["protocol"]["second_set"]["split"] == "valid"
+    assert "offset" not in floors["protocol"]["second_set"]  # another split: from its start
+    assert "split_fractions" in floors["protocol"]["reference"]
+    record = evaluate(run, feature_module=TinyFeatures(), cache_dir=tmp_path / "c")
+    assert "metrics_vs_reconstructions" not in record

@@ -174,6 +174,87 @@ def test_quick_and_extended_presets():
     assert [d.preset for d in quick.datasets] == ["ldm-fashion-mnist", "chirodiff-kanjivg"]
     assert len(cells) == 8
     assert all(c.sparsity in (0.0, 0.5) for c in cells)
-    assert all("train.steps" not in c.overrides for c in cells)  # the presets' tuned defaults
+    # a smoke budget cut from the calibrated presets, which the evidence study uses as they are
+    assert all(c.overrides["train.steps"] <= 400 for c in cells)
+    assert all(c.overrides["eval.num_samples"] == 64 for c in cells)
+    evidence = load_study(STUDIES / "evidence.toml")
+    assert all(not d.overrides for d in evidence.datasets)
     extended = load_study(STUDIES / "extended.toml")
     assert len(expand_grid(extended)) == 2 * (3 + 12 + 24 + 24)
+
+
+def test_extra_cells_outside_the_cross_product():
+    study = _study(
+        methods=["dense", "rigl"],
+        sparsities=[0.5, 0.9],
+        prune_ratios=[0.05],
+        seeds=[0, 1],
+        extra_cells=[
+            {"method": "rigl", "sparsity": 0.9, "prune_ratio": 0.5},  # p = 0.5 at 90% only
+            {
+                "variant": "small-dense",
+                "method": "dense",
+                "overrides": {"train.lr": 1e-3},
+                "dataset_overrides": {"a": {"model.channels": [24, 24]}},
+            },
+            {
+                "variant": "rigl-channel",
+                "method": "rigl",
+                "sparsity": 0.5,
+                "prune_ratio": 0.05,
+                "overrides": {"sparse.granularity": "channel"},
+            },
+        ],
+    )
+    cells = {c.id: c for c in expand_grid(study)}
+    # per dataset: dense 2 + rigl 2x2 + extras 3x2
+    assert len(cells) == 2 * (2 + 4 + 6)
+    assert "a/rigl-s0.90-p0.50-seed1" in cells and "a/rigl-s0.50-p0.50-seed0" not in cells
+    small = cells["a/small-dense-seed1"]
+    assert (small.method, small.variant, small.row, small.sparsity) == (
+        "dense",
+        "small-dense",
+        "small-dense",
+        0.0,
+    )
+    assert small.overrides == {
+        "train.lr": 1e-3,
+        "model.channels": [24, 24],
+        "sparse.method": "dense",
+        "sparse.sparsity": 0.0,
+        "seed": 1,
+    }
+    assert "model.channels" not in cells["b/small-dense-seed1"].overrides  # dataset a only
+    channel = cells["b/rigl-channel-s0.50-p0.05-seed0"]
+    assert channel.overrides["sparse.granularity"] == "channel"
+    assert channel.overrides["sparse.prune_ratio"] == 0.05
+    assert cells["a/dense-seed0"].variant == "" and cells["a/dense-seed0"].row == "dense"
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"method": "sgd"}, "method must be one of"),
+        ({"method": "dense", "sparsity": 0.5}, "dense takes no sparsity"),
+        ({"method": "static"}, "needs a sparsity"),
+        ({"method": "rigl", "sparsity": 0.5}, "prune_ratio is for"),
+        ({"method": "static", "sparsity": 0.5, "prune_ratio": 0.1}, "prune_ratio is for"),
+        ({"method": "dense", "dataset_overrides": {"zz": {}}}, "keyed by datasets"),
+        ({"method": "dense", "overrides": {"seed": 3}}, "which the grid controls"),
+        ({"method": "dense", "colour": 1}, "unknown keys"),
+        ({"method": "dense", "variant": "a b"}, "variant"),
+    ],
+)
+def test_bad_extra_cells_are_refused(extra, match):
+    with pytest.raises(ValueError, match=match):
+        _study(extra_cells=[extra])
+
+
+def test_shipped_evidence_study_expands():
+    cells = expand_grid(load_study(STUDIES / "evidence.toml"))
+    per_dataset = Counter(c.dataset for c in cells)
+    # dense, small-dense, static/rigl/magran at 25/50/90% (p 0.05), rigl/magran at 90% with
+    # p 0.5, rigl-channel at 50%: 14 settings x 3 seeds
+    assert set(per_dataset.values()) == {42}
+    rows = Counter((c.dataset, c.row) for c in cells)
+    assert rows[("fashion-mnist", "small-dense")] == 3

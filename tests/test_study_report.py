@@ -51,16 +51,17 @@ PROTOCOL = {
     "reference": {"split": "test", "size": 1000},
 }
 
-# dataset "toy", two seeds: (method, p, sparsity) -> FIDs by seed
+# dataset "toy", three seeds: (method, p, sparsity) -> FIDs by seed; Welch p-values vs dense
+# from scipy.stats.ttest_ind(equal_var=False)
 TOY = {
-    ("dense", None, 0.0): [10.0, 12.0],  # 11.00 ± 1.41
-    ("static", None, 0.5): [11.0, 11.0],  # 11.00 ± 0.00 -> safe (ties dense)
-    ("static", None, 0.9): [20.0, 22.0],  # 21.00 ± 1.41 -> not safe
-    ("rigl", 0.05, 0.5): [9.0, 10.0],  # 9.50 ± 0.71 -> best at 50%, beats dense
-    ("rigl", 0.05, 0.9): [12.0, 12.6],  # 12.30 ± 0.42 -> within 11 + 1.41: safe
-    ("rigl", 0.5, 0.5): [10.5, 11.5],  # 11.00 ± 0.71 -> safe
-    ("rigl", 0.5, 0.9): [16.0, 18.0],  # 17.00 ± 1.41 -> not safe
-    ("magran", 0.05, 0.5): [10.0],  # one seed only: 10.00 (n=1), safe but weak
+    ("dense", None, 0.0): [10.0, 11.0, 12.0],  # 11.00 ± 1.00
+    ("static", None, 0.5): [11.0, 11.5, 10.5],  # 11.00 ± 0.50, p = 1 -> matches
+    ("static", None, 0.9): [20.0, 21.0, 22.0],  # 21.00 ± 1.00, p = 0.0003 -> worse
+    ("rigl", 0.05, 0.5): [8.0, 8.5, 9.0],  # 8.50 ± 0.50, p = 0.032 -> best at 50%, beats dense
+    ("rigl", 0.05, 0.9): [12.0, 12.6, 12.3],  # 12.30 ± 0.30, p = 0.144 -> matches (safe)
+    ("rigl", 0.5, 0.5): [10.5, 11.5, 11.0],  # 11.00 ± 0.50 -> matches
+    ("rigl", 0.5, 0.9): [16.0, 17.0, 18.0],  # 17.00 ± 1.00, p = 0.002 -> worse
+    ("magran", 0.05, 0.5): [10.0],  # one seed only: 10.00 (n=1), within dense's std: weak match
 }
 # dataset "single", one seed each: the 5% rule (dense 20 -> threshold 21)
 SINGLE = {
@@ -127,10 +128,10 @@ def test_fid_table_cells_and_bold():
     header, rows = _parse(fid_table(settings))
     assert header == ["FID ↓ / sparsity", "50%", "90%"]
     assert list(rows) == ["Dense", "Static", "RigL (p=0.05)", "RigL (p=0.5)", "MagRan (p=0.05)"]
-    assert rows["Dense"] == ["11.00 ± 1.41", "11.00 ± 1.41"]
-    assert rows["Static"] == ["11.00 ± 0.00", "21.00 ± 1.41"]
-    assert rows["RigL (p=0.05)"] == ["**9.50 ± 0.71**", "**12.30 ± 0.42**"]
-    assert rows["RigL (p=0.5)"] == ["11.00 ± 0.71", "17.00 ± 1.41"]
+    assert rows["Dense"] == ["11.00 ± 1.00", "11.00 ± 1.00"]
+    assert rows["Static"] == ["11.00 ± 0.50", "21.00 ± 1.00"]
+    assert rows["RigL (p=0.05)"] == ["**8.50 ± 0.50**", "**12.30 ± 0.30**"]
+    assert rows["RigL (p=0.5)"] == ["11.00 ± 0.50", "17.00 ± 1.00"]
     assert rows["MagRan (p=0.05)"] == ["10.00 (n=1)", "–"]
 
 
@@ -148,8 +149,13 @@ def test_cost_table_relative_to_dense():
     settings = group_settings(_records(TOY, "toy"))["toy"]
     header, rows = _parse(cost_table(settings))
     assert header[1:] == ["50%", "90%"]
-    assert rows["Static"] == ["0.500 / 0.500 / 0.500 / 0.500", "0.100 / 0.100 / 0.100 / 0.100"]
-    assert rows["RigL (p=0.05)"][0] == "0.500 / 0.550 / 0.500 / 0.500"
+    # sampling time: (0.25 + 0.1 seed) s for every setting, dense's mean 0.35 s
+    assert rows["Static"] == [
+        "0.500 / 0.500 / 0.500 / 0.500 / 1.000",
+        "0.100 / 0.100 / 0.100 / 0.100 / 1.000",
+    ]
+    assert rows["RigL (p=0.05)"][0] == "0.500 / 0.550 / 0.500 / 0.500 / 1.000"
+    assert rows["MagRan (p=0.05)"][0] == "0.500 / 0.500 / 0.500 / 0.500 / 0.714"  # seed 0 only
     assert "Dense" not in rows
 
 
@@ -163,7 +169,7 @@ def test_dense_cost_shows_sampling_time_per_sample():
     line = dense_cost(settings)
     assert line.startswith("Dense: 2.00 k non-zero parameters, 3.00 TFLOP to train")
     assert "50.00 GFLOP per sample" in line
-    assert line.endswith(", 0.30 s sampling time per sample.")
+    assert line.endswith(", 0.35 s sampling time per sample.")
 
 
 def test_dense_cost_with_unmeasured_sampling_time():
@@ -188,11 +194,13 @@ def test_safe_values_with_seed_spread():
         "MagRan (p=0.05) at 50%",
     }
     by_label = {v.setting.label: v for v in verdicts}
-    assert by_label["RigL (p=0.05) at 50%"].beats  # 9.50 < 11.00 - 1.41
+    assert by_label["RigL (p=0.05) at 50%"].beats  # Welch p = 0.032
+    assert "Welch t-test, p = 0.032" in by_label["RigL (p=0.05) at 50%"].describe()
     assert not by_label["MagRan (p=0.05) at 50%"].beats  # 10.00: lower, but inside the spread
     assert "matches dense" in by_label["MagRan (p=0.05) at 50%"].describe()
-    assert not by_label["RigL (p=0.05) at 90%"].beats  # matches within the spread, not better
-    assert math.isclose(by_label["RigL (p=0.05) at 90%"].tolerance, math.sqrt(2))
+    assert not by_label["RigL (p=0.05) at 90%"].beats  # lower mean, p = 0.144: a match
+    assert math.isclose(by_label["RigL (p=0.05) at 90%"].comparison.p_value, 0.14417, rel_tol=1e-3)
+    assert math.isclose(by_label["MagRan (p=0.05) at 50%"].comparison.tolerance, 1.0)
     assert by_label["MagRan (p=0.05) at 50%"].weak
     assert not by_label["Static at 50%"].weak
 
@@ -203,14 +211,14 @@ def test_safe_values_single_seed_relative_rule():
         "Static at 50%": True,
         "RigL (p=0.05) at 50%": False,
     }
-    assert all(v.weak and math.isclose(v.tolerance, 1.0) for v in verdicts)
+    assert all(v.weak and math.isclose(v.comparison.tolerance, 1.0) for v in verdicts)
 
 
 def test_prune_ratio_comparison_at_highest_sparsity():
     (c,) = compare_prune_ratios(_records(TOY, "toy"))  # magran has one p: no comparison
     assert (c.dataset, c.method, c.sparsity, c.p_low, c.p_high) == ("toy", "rigl", 0.9, 0.05, 0.5)
     assert c.low_better and c.conclusive
-    assert "p = 0.05 is better than p = 0.5 (beyond the seed spread)" in c.describe()
+    assert "p = 0.05 is better than p = 0.5 (Welch t-test p = 0.010, beyond" in c.describe()
 
 
 def test_write_report_from_hand_made_results(tmp_path):
@@ -234,14 +242,14 @@ def test_write_report_from_hand_made_results(tmp_path):
     assert "<details>" in text[text.index("## Protocol") :]
     assert "`sparsediff study hand.toml`" in text
     assert text.index("## single") < text.index("## toy")  # the study's order
-    assert "| RigL (p=0.05) | **9.50 ± 0.71** | **12.30 ± 0.42** |" in text
+    assert "| RigL (p=0.05) | **8.50 ± 0.50** | **12.30 ± 0.30** |" in text
     assert "| sampler | ddim | ddim |" in text
     assert "| features | incv3 | incv3 |" in text
     assert "- **toy**: 5 of 7 sparse settings are safe." in text
     assert "- **single**: 1 of 2 sparse settings are safe." in text
     assert "Safe on every dataset: Static at 50%." in text
     assert "Dense: 2.00 k non-zero parameters, 3.00 TFLOP to train" in text
-    assert "0.30 s sampling time per sample." in text
+    assert "0.35 s sampling time per sample." in text
     out = tmp_path / "report"
     for name in ("fid_vs_sparsity_toy.png", "fid_vs_train_flops_single.png", "samples_toy.png"):
         assert (out / name).stat().st_size > 0
@@ -256,12 +264,12 @@ def test_write_report_from_hand_made_results(tmp_path):
 def test_sample_sizes_prefer_the_measured_counts():
     records = _records(TOY, "toy")
     sizes = sample_sizes(group_settings(records)["toy"])
-    assert (sizes.generated, sizes.reference, sizes.seeds) == ((1000,), (1000,), (1, 2))
+    assert (sizes.generated, sizes.reference, sizes.seeds) == ((1000,), (1000,), (1, 3))
     assert not sizes.small
-    assert sizes.describe() == "n = 1000 generated vs 1000 reference images, 1–2 seeds"
+    assert sizes.describe() == "n = 1000 generated vs 1000 reference images, 1–3 seeds"
     records[0]["metrics"].update(num_fake=500, num_real=999)  # what the evaluation really used
     sizes = sample_sizes(group_settings(records)["toy"])
-    assert sizes.describe() == "n = 500–1000 generated vs 999–1000 reference images, 1–2 seeds"
+    assert sizes.describe() == "n = 500–1000 generated vs 999–1000 reference images, 1–3 seeds"
     assert sizes.small
 
 
@@ -280,11 +288,11 @@ def test_fid_plots_start_at_zero_and_state_n_and_seeds():
     settings = group_settings(_records(TOY, "toy"))["toy"]
     for figure in (fid_vs_sparsity_figure, fid_vs_flops_figure):
         ax = figure(settings, "toy").axes[0]
-        assert ax.get_ylim()[0] == 0  # the autoscaled axis started near the lowest FID, 9.5
+        assert ax.get_ylim()[0] == 0  # the autoscaled axis started near the lowest FID, 8.5
         assert ax.get_ylim()[1] > 22  # the worst mean + std stays in view
         assert ax.get_title().splitlines() == [
             "toy",
-            "n = 1000 generated vs 1000 reference images, 1–2 seeds",
+            "n = 1000 generated vs 1000 reference images, 1–3 seeds",
         ]
         assert any(c.has_yerr for c in ax.containers)  # error bars over seeds
         assert figure(settings, "toy", floor=5.0).axes[0].get_ylim()[0] == 5.0
@@ -307,3 +315,69 @@ def test_sample_figure_shows_dense_once(tmp_path):
 
     # one dense panel, the same size as the one RigL (p=0.05) at 50% panel (4 dense panels before)
     assert 0.8 < area(colours["dense"]) / area(colours["rigl"]) < 1.25
+
+
+def test_claims_floors_and_small_dense_in_the_report(tmp_path):
+    records = _records(TOY, "toy")
+    # a small dense model: the parameter count of the 50% models, a worse FID than RigL's
+    for seed, fid in enumerate([10.0, 10.5, 11.0]):
+        small = _record("toy", "dense", None, 0.0, seed, fid)
+        small.update(id=f"toy/small-dense-seed{seed}", variant="small-dense")
+        small["cost"]["params_nonzero"] = 1000.0
+        records.append(small)
+    for r in records:  # scored against the autoencoder's reconstructions too
+        r["metrics_vs_reconstructions"] = {"fid": r["metrics"]["fid"] / 2}
+    for r in records:
+        append_result(tmp_path / "results.jsonl", r)
+    floors = {
+        "id": "toy/floors",
+        "kind": "floors",
+        "dataset": "toy",
+        "floors": {
+            "real_vs_real": {"fid": 2.5, "kid_mean": 0.0001, "precision": 0.8, "recall": 0.75},
+            "autoencoder": {"fid": 6.0, "kid_mean": 0.004, "precision": 0.7, "recall": 0.6},
+        },
+        "protocol": {
+            "reference": {"split": "test", "size": 1000},
+            "second_set": {"split": "test", "size": 1000, "offset": "1000"},
+        },
+    }
+    append_result(tmp_path / "results.jsonl", floors)
+    text = write_report(tmp_path).read_text()
+
+    assert "| Real vs real (floor) | 2.50 | 0.10 | 0.800 | 0.750 | – |" in text
+    assert (
+        "| First-stage reconstructions vs real (floor) | 6.00 | 4.00 | 0.700 | 0.600 | – |" in text
+    )
+    assert "| Dense (3 seeds) | 11.00 ± 1.00 |" in text
+    assert "| Small dense (3 seeds) | 10.50 ± 0.50 |" in text and "| 1.00 k |" in text
+    # in the FID table the small dense model is a baseline row, repeated like dense
+    _, rows = _parse(fid_table(group_settings(records)["toy"]))
+    assert rows["Small dense"] == ["10.50 ± 0.50", "10.50 ± 0.50"]
+    _, costs = _parse(cost_table(group_settings(records)["toy"]))
+    assert costs["Small dense"][0].startswith("0.500 / ")  # its parameters against dense's
+    assert "| FID vs reconstructions ↓ / sparsity | 50% | 90% |" in text
+    assert "| RigL (p=0.05) | **4.25 ± 0.25** | **6.15 ± 0.15** |" in text
+
+    claims = text[text.index("## The study's claims") : text.index("## Safe values")]
+    # static 25-50%, rigl at 50% with both p, magran (single seed): none worse, one weak
+    assert (
+        "- 25–50% sparsity matches or beats dense: **partly** — 3 of 4 settings are not "
+        "worse than dense beyond the noise, 0 are worse, 1 with a single seed (no test)." in claims
+    )
+    assert "- p = 0.05 is safer than p = 0.5 at high sparsity: **agree**." in claims
+    assert "p = 0.05 is better than p = 0.5 (Welch t-test p = 0.010, beyond the noise)" in claims
+    # RigL p=0.05 at 50% (8.5 ± 0.5) beats small dense (10.5 ± 0.5, Welch p = 0.008), the rest match
+    assert "50% sparse beats a small dense model of its parameter count: **partly**" in claims
+    assert "RigL (p=0.05) at 50%: FID 8.50 ± 0.50 (1.00 k non-zero parameters) beats" in claims
+    assert "Static at 50%: FID 11.00 ± 0.50 (1.00 k non-zero parameters) matches" in claims
+    for png in ("fid_vs_sparsity_toy.png", "fid_vs_train_flops_toy.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 0
+
+
+def test_plots_draw_the_floors_and_baselines():
+    settings = group_settings(_records(TOY, "toy"))["toy"]
+    ax = fid_vs_sparsity_figure(settings, "toy", lines={"Real vs real": 2.5}).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "Real vs real (2.5)" in labels
+    assert ax.get_ylim()[0] == 0  # the floor stays in view

@@ -308,3 +308,43 @@ preset = "ldm-tiny"
     with pytest.raises(ValueError, match="cell toy/dense-seed0: .*train.stepz"):
         run_study(toml, tmp_path / "out", train_fn=fake_train, evaluate_fn=fake_evaluate)
     assert not (tmp_path / "out" / "runs").exists()
+
+
+FLOOR_CALLS = []
+
+
+def fake_floors(run_dir):
+    FLOOR_CALLS.append(Path(run_dir).name)
+    return {
+        "floors": {"real_vs_real": {"fid": 2.0, "kid_mean": 0.0}, "autoencoder": {"fid": 4.0}},
+        "protocol": {"reference": {"split": "test", "size": 64}},
+    }
+
+
+def test_floors_are_measured_once_per_dataset_and_parts_run_alone(tmp_path):
+    toml = _write_study(
+        tmp_path,
+        TWO_CELLS.replace(
+            'methods = ["dense", "static"]', 'methods = ["dense", "static"]\nseeds = [0, 1]'
+        ),
+    )
+    kw = {"train_fn": fake_train, "evaluate_fn": fake_evaluate, "progress": False}
+    FLOOR_CALLS.clear()
+    out = run_study(toml, tmp_path / "out", floors_fn=fake_floors, only=["*-seed1"], **kw)
+    ids = [r["id"] for r in read_results(out / "results.jsonl")]
+    # only the seed-1 cells ran; the floors came right after the first finished cell, once
+    assert ids == ["toy/dense-seed1", "toy/floors", "toy/static-s0.50-seed1"]
+    assert FLOOR_CALLS == ["dense-seed1"]
+    floors = read_results(out / "results.jsonl")[1]
+    assert floors["kind"] == "floors" and floors["floors"]["autoencoder"]["fid"] == 4.0
+    assert floors["run_dir"] == "runs/toy/dense-seed1"
+    # the rest, in another "process": finished cells and the floors are skipped by their lines
+    run_study(toml, tmp_path / "out", floors_fn=fake_floors, **kw)
+    ids = [r["id"] for r in read_results(out / "results.jsonl")]
+    assert ids[3:] == ["toy/dense-seed0", "toy/static-s0.50-seed0"]
+    assert FLOOR_CALLS == ["dense-seed1"]
+    text = write_report(out).read_text()
+    assert "| Real vs real (floor) | 2.00 | 0.00 |" in text
+    assert "| First-stage reconstructions vs real (floor) | 4.00 |" in text
+    with pytest.raises(ValueError, match="no cell id matches"):
+        run_study(toml, tmp_path / "out", only=["nothing/*"], **kw)

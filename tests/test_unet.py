@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from sparsediff.models.unet import UNET_PRESETS, build_unet
+from sparsediff.models.unet import UNET_PRESETS, build_unet, unet_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -63,3 +63,19 @@ def test_overrides_and_preset_isolation():
 def test_unknown_preset_raises():
     with pytest.raises(ValueError, match="unknown UNet preset"):
         build_unet("ldm8")
+
+
+def test_narrower_unet_of_the_same_layout():
+    wide = unet_config("fmnist")
+    narrow = unet_config("fmnist", (24, 24))
+    assert narrow["block_out_channels"] == (24, 24)
+    assert narrow["attention_head_dim"] == 24  # one head per block, as the preset has
+    assert {
+        k: v for k, v in narrow.items() if k not in ("block_out_channels", "attention_head_dim")
+    } == {k: v for k, v in wide.items() if k not in ("block_out_channels", "attention_head_dim")}
+    ldm = unet_config("ldm4", (160, 320, 480, 640))
+    assert ldm["attention_head_dim"] == 32  # LDM-4 keeps its 32-wide heads
+    with pytest.raises(ValueError, match="norm groups"):
+        unet_config("fmnist", (20, 20))
+    with pytest.raises(ValueError, match="has 2 blocks"):
+        unet_config("fmnist", (24, 24, 24))

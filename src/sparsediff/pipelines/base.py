@@ -81,8 +81,11 @@ class Pipeline(ABC):
 
     # ------------------------------------------------------------------ evaluation
     @abstractmethod
-    def reference(self, split: str, size: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Up to ``size`` real items of ``split`` as uint8 images, and what identifies them."""
+    def reference(
+        self, split: str, size: int, offset: int = 0
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Up to ``size`` real items of ``split`` from item ``offset`` on, as uint8 images, and
+        what identifies them (``offset`` gives the noise floors a second, disjoint real set)."""
 
     @abstractmethod
     def flop_inputs(self, device: torch.device) -> tuple[Any, ...]:
@@ -103,6 +106,19 @@ class Pipeline(ABC):
         ``card`` (``huggingface_hub.ModelCardData`` fields), ``usage`` (a Python snippet that
         loads and samples it) and ``notes`` (lines after the snippet)."""
         return {"title": self.name, "card": {"tags": [self.name]}, "usage": "", "notes": []}
+
+    # ------------------------------------------------------------------ noise floors
+    def first_stage_id(self) -> str | None:
+        """A fingerprint of the frozen first stage that decodes the samples, None without one.
+
+        With one, the evaluation also scores samples against the first stage's reconstructions
+        of the reference images, and the noise floors include the first stage's own.
+        """
+        return None
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images through the frozen first stage (encode, then decode as samples are)."""
+        raise NotImplementedError(f"{self.name} has no first stage")
 
     # ------------------------------------------------------------------ studies
     @classmethod

@@ -89,6 +89,7 @@ class ChiroDiff(Pipeline):
             max_len=d.max_len,
             step=d.resample_step or None,
             extent=d.extent,
+            split_fractions=tuple(d.split_fractions),
         )
 
     # ------------------------------------------------------------------ training
@@ -169,12 +170,17 @@ class ChiroDiff(Pipeline):
         return path
 
     # ------------------------------------------------------------------ evaluation
-    def reference(self, split: str, size: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def reference(
+        self, split: str, size: int, offset: int = 0
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Real sketches of ``split``, rendered like the samples."""
         data = self.stroke_dataset(split)
-        sketches = [data.strokes(i) for i in range(min(size, len(data)))]
+        sketches = [data.strokes(i) for i in range(offset, min(offset + size, len(data)))]
+        if not sketches:
+            raise ValueError(f"the {split} split has no sketches from item {offset} on")
         d = self.cfg.data
-        keys = ("path", "category", "split_seed", "extent", "resample_step", "max_len")
+        keys = ("path", "category", "split_seed", "split_fractions", "extent", "resample_step")
+        keys += ("max_len", "max_train")
         identity = {"dataset": d.name, **{k: getattr(d, k) for k in keys}}
         identity["raster"] = f"{d.raster_size}px-lw{d.raster_line_width}"
         return self.to_images(sketches), identity

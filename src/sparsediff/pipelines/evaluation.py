@@ -49,6 +49,8 @@ from sparsediff.sparsity.flops import (
 from sparsediff.training.distributed import resolve_device
 from sparsediff.training.tensorboard import log_scalars, stage_dir
 
+FLOORS_FILE = "floors.json"
+
 
 def default_cache_dir() -> Path:
     """Reference statistics cache: ``$SPARSEDIFF_CACHE`` or ``~/.cache/sparsediff``."""
@@ -203,6 +205,117 @@ def run_cost(
     return cost
 
 
+class RealFeatures:
+    """Feature-network features of real sets of a pipeline's data, cached per dataset split,
+    size, offset, rendering, network and (for reconstructions) first stage."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        feature_module: nn.Module | None,
+        batch_size: int,
+        device: str,
+        cache_dir: str | Path | None,
+        progress: bool,
+    ) -> None:
+        e = pipeline.cfg.eval
+        self.pipeline = pipeline
+        self.network = feature_module or InceptionFeatures(e.inception_weights or None)
+        self.network_sha1 = getattr(self.network, "weights_sha1", type(self.network).__name__)
+        self.cache = ReferenceCache(cache_dir or default_cache_dir())
+        self.batch_size, self.device, self.progress = batch_size, device, progress
+
+    def identity(self) -> dict[str, Any]:
+        """The feature network, as recorded in a protocol."""
+        return {
+            "name": type(self.network).__name__,
+            "sha1": self.network_sha1,
+            "preprocessing": PREPROCESSING_VERSION,
+        }
+
+    def __call__(
+        self, split: str, size: int, offset: int = 0, reconstructed: bool = False
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Features of up to ``size`` real items of ``split`` from ``offset`` on (or of their
+        first-stage reconstructions), and the set's key with its ``size``."""
+        images, ident = self.pipeline.reference(split, size, offset)
+        extra = {k: str(v) for k, v in ident.items() if k != "dataset"}
+        if offset:  # offset 0 keeps the keys (and caches) of earlier versions
+            extra["offset"] = str(offset)
+        if reconstructed:
+            extra["reconstructed_by"] = str(self.pipeline.first_stage_id())
+        key = reference_key(
+            ident["dataset"], split, len(images), int(images.shape[-1]), self.network_sha1, **extra
+        )
+        what = "reconstruction features" if reconstructed else "reference features"
+
+        def compute() -> torch.Tensor:
+            shown = self.pipeline.reconstruct(images) if reconstructed else images
+            return extract_features(
+                shown, self.network, self.batch_size, self.device, what, self.progress
+            )
+
+        return self.cache.get_or_compute(key, compute), {**key, "size": len(images)}
+
+
+def noise_floors(
+    run_dir: str | Path,
+    batch_size: int | None = None,
+    device: str = "auto",
+    feature_module: nn.Module | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    floor_split: str | None = None,
+) -> dict[str, Any]:
+    """The metrics of sets no model can beat, by the run's evaluation protocol; writes and
+    returns ``floors.json``.
+
+    ``real_vs_real``: the reference set against a second real set of the same size, disjoint
+    from it (``floor_split``, unset: ``eval.floor_split``; "" = the reference split's next
+    items). ``autoencoder``
+    (pipelines with a first stage): the first stage's reconstructions of that second set
+    against the reference, the best a denoiser decoded by it can score.
+    """
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    e = cfg.eval
+    pipeline, denoiser = load_run(run_dir, resolve_device(device), e.ema, cfg)
+    device_name = str(next(denoiser.parameters()).device)
+    real_sets = RealFeatures(
+        pipeline, feature_module, batch_size or e.batch_size, device_name, cache_dir, progress
+    )
+    real, key = real_sets(e.reference_split, e.reference_size)
+    split = (e.floor_split if floor_split is None else floor_split) or e.reference_split
+    offset = key["size"] if split == e.reference_split else 0
+    other, other_key = real_sets(split, e.reference_size, offset)
+    if other_key["size"] < key["size"]:
+        raise ValueError(
+            f"the second real set ({split}, from item {offset}) has {other_key['size']} items, "
+            f"fewer than the reference's {key['size']}; set eval.floor_split or enlarge the split"
+        )
+    if torch.equal(real, other):  # e.g. a split name that is an alias of the reference's
+        raise ValueError(f"the second real set ({split}) holds the reference images themselves")
+    kid = min(e.kid_subset_size, len(real), len(other))
+    floors = {"real_vs_real": compute_metrics(real, other, kid_subset_size=kid, seed=e.seed)}
+    if pipeline.first_stage_id() is not None:
+        recon, _ = real_sets(split, e.reference_size, offset, reconstructed=True)
+        floors["autoencoder"] = compute_metrics(real, recon, kid_subset_size=kid, seed=e.seed)
+    record = {
+        "floors": floors,
+        "protocol": {
+            "reference": key,
+            "second_set": other_key,
+            "kid_subset_size": kid,
+            "seed": e.seed,
+            "feature_network": real_sets.identity(),
+            "device": device_name,
+            "versions": _versions(),
+        },
+    }
+    write_json(run_dir / FLOORS_FILE, record)
+    return record
+
+
 def evaluate(
     run_dir: str | Path,
     num_samples: int | None = None,
@@ -254,26 +367,12 @@ def evaluate(
         return {"partial": True, "protocol": plan.to_dict(), "shards": sorted(shards)}
 
     fake = _assemble(shards, plan.num_samples)
-    features = feature_module or InceptionFeatures(e.inception_weights or None)
-    net_hash = getattr(features, "weights_sha1", type(features).__name__)
-    ref_images, ident = pipeline.reference(e.reference_split, e.reference_size)
-    key = reference_key(
-        ident.pop("dataset"),
-        e.reference_split,
-        len(ref_images),
-        int(ref_images.shape[-1]),
-        net_hash,
-        **{k: str(v) for k, v in ident.items()},
-    )
     device = str(next(denoiser.parameters()).device)
-    cache = ReferenceCache(cache_dir or default_cache_dir())
-    real = cache.get_or_compute(
-        key,
-        lambda: extract_features(
-            ref_images, features, batch_size, device, "reference features", progress
-        ),
+    real_sets = RealFeatures(pipeline, feature_module, batch_size, device, cache_dir, progress)
+    real, key = real_sets(e.reference_split, e.reference_size)
+    fake_features = extract_features(
+        fake, real_sets.network, batch_size, device, "features", progress
     )
-    fake_features = extract_features(fake, features, batch_size, device, "features", progress)
     kid_subset_size = min(e.kid_subset_size, len(real), len(fake_features))
     metrics = compute_metrics(real, fake_features, kid_subset_size=kid_subset_size, seed=plan.seed)
     grid = save_image_grid(fake[:16], run_dir / "eval-grid.png")
@@ -282,18 +381,19 @@ def evaluate(
         "cost": run_cost(pipeline, denoiser, plan, seconds, read_condensed_info(run_dir)),
         "protocol": {
             **plan.to_dict(),
-            "reference": {**key, "size": len(ref_images)},
+            "reference": key,
             "kid_subset_size": kid_subset_size,
-            "feature_network": {
-                "name": type(features).__name__,
-                "sha1": net_hash,
-                "preprocessing": PREPROCESSING_VERSION,
-            },
+            "feature_network": real_sets.identity(),
             "device": device,
             "versions": _versions(),
         },
         "samples_grid": str(grid),
     }
+    if pipeline.first_stage_id() is not None:  # isolates the denoiser, the part that is sparse
+        recon, _ = real_sets(e.reference_split, e.reference_size, reconstructed=True)
+        record["metrics_vs_reconstructions"] = compute_metrics(
+            recon, fake_features, kid_subset_size=kid_subset_size, seed=plan.seed
+        )
     path = write_json(run_dir / f"{plan.record_name()}.json", record)
     train = pipeline.cfg.train
     if train.tensorboard:  # beside the training curves, at the final step

@@ -223,7 +223,8 @@ class LatentDiffusion(Pipeline):
     def build_denoiser(self) -> nn.Module:
         """The UNet preset sized to the latent shape (channels, height, width)."""
         c, h, _ = self.latent_shape
-        return build_unet(self.cfg.model.preset, sample_size=h, in_channels=c, out_channels=c)
+        m = self.cfg.model
+        return build_unet(m.preset, m.channels, sample_size=h, in_channels=c, out_channels=c)
 
     def task(self) -> Task:
         """ε-MSE on (scaled) latents."""
@@ -259,13 +260,34 @@ class LatentDiffusion(Pipeline):
         return to_uint8(samples).cpu()
 
     # ------------------------------------------------------------------ evaluation
-    def reference(self, split: str, size: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def reference(
+        self, split: str, size: int, offset: int = 0
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Real images of ``split``."""
         data = self.image_dataset(split)
-        images = [data[i] for i in range(min(size, len(data)))]
-        images = torch.stack([im for im in images if im is not None])
+        images = [data[i] for i in range(offset, min(offset + size, len(data)))]
+        images = [im for im in images if im is not None]
+        if not images:
+            raise ValueError(f"the {split} split has no images from item {offset} on")
+        images = torch.stack(images)
         d = self.cfg.data
         return to_uint8(images), {"dataset": d.name, "path": d.path, "max_val": d.max_val}
+
+    def first_stage_id(self) -> str | None:
+        """The autoencoder's fingerprint (hashes every weight: computed once)."""
+        if getattr(self, "_ae_id", None) is None:
+            self._ae_id = autoencoder_fingerprint(self.ae)
+        return self._ae_id
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+        """Real images encoded to latents and decoded as samples are (VQ: quantised)."""
+        device = next(self.ae.parameters()).device
+        out = []
+        for batch in images.split(batch_size):
+            x = batch.to(device).float() / 127.5 - 1.0
+            out.append(to_uint8(decode_latents(self.ae, encode_latents(self.ae, x)).clamp(-1, 1)))
+        return torch.cat(out).cpu()
 
     def flop_inputs(self, device: torch.device) -> tuple[Any, ...]:
         """One latent and one timestep."""

@@ -23,14 +23,24 @@ A study crosses datasets x methods x sparsity levels x prune ratios x seeds. For
     pipeline = "ldm"                  # optional: read from the preset
     overrides = { "train.steps" = 300 }   # this dataset only; wins over [overrides]
 
+    [[extra_cells]]                   # settings outside the cross product, for every dataset x seed
+    variant = "small-dense"           # its row in the report and its cell ids (default: method)
+    method = "dense"
+    sparsity = 0.5                    # sparse methods only
+    prune_ratio = 0.5                 # rigl/magran only
+    overrides = { "sparse.granularity" = "channel" }       # every dataset
+    dataset_overrides = { fashion-mnist = { "model.channels" = [24, 24] } }
+
 Cells: dense gives one cell per dataset x seed (sparsity 0), static one per sparsity x seed,
-rigl and magran one per sparsity x prune ratio x seed. A cell's overrides are the study's, then
-the dataset's, then the grid keys ``sparse.method``, ``sparse.sparsity``, ``sparse.prune_ratio``
-(rigl/magran only) and ``seed``, which the override tables must not set. Unquoted dotted keys
+rigl and magran one per sparsity x prune ratio x seed; then each extra cell once per dataset x
+seed (e.g. p = 0.5 only at 90%, a small-dense baseline, channel granularity). A cell's overrides
+are the study's, then the dataset's, then an extra cell's own, then the grid keys
+``sparse.method``, ``sparse.sparsity``, ``sparse.prune_ratio`` (rigl/magran only) and ``seed``,
+which the override tables must not set. Unquoted dotted keys
 (``train.steps = 3``) are nested tables in TOML; they are flattened back to dotted keys.
 
-Cell ids are stable, e.g. ``fashion-mnist/rigl-s0.50-p0.05-seed0``, ``fashion-mnist/dense-seed0``;
-a cell's run directory is ``<out_dir>/runs/<id>``.
+Cell ids are stable, e.g. ``fashion-mnist/rigl-s0.50-p0.05-seed0``, ``fashion-mnist/dense-seed0``,
+``kanjivg/small-dense-seed1``; a cell's run directory is ``<out_dir>/runs/<id>``.
 """
 
 from __future__ import annotations
@@ -58,7 +68,9 @@ _TOP_KEYS = {
     "overrides",
     "eval",
     "datasets",
+    "extra_cells",
 }
+_EXTRA_KEYS = {"variant", "method", "sparsity", "prune_ratio", "overrides", "dataset_overrides"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,18 @@ class DatasetSpec:
     preset: str
     pipeline: str
     overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExtraCell:
+    """One ``[[extra_cells]]`` entry: a setting outside the cross product."""
+
+    variant: str
+    method: str
+    sparsity: float = 0.0
+    prune_ratio: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    dataset_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,6 +108,12 @@ class Cell:
     prune_ratio: float | None
     seed: int
     overrides: dict[str, Any]
+    variant: str = ""  # the report row when not the method's own (e.g. small-dense)
+
+    @property
+    def row(self) -> str:
+        """The variant, else the method."""
+        return self.variant or self.method
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -101,6 +131,7 @@ class Study:
     prune_ratios: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: dict[str, Any] = field(default_factory=dict)
+    extra_cells: list[ExtraCell] = field(default_factory=list)
     eval_num_samples: int | None = None
     eval_seed: int = 0
     out_dir: str | None = None
@@ -125,9 +156,10 @@ def fmt_value(x: float) -> str:
 def cell_id(
     dataset: str, method: str, sparsity: float, prune_ratio: float | None, seed: int
 ) -> str:
-    """The stable id of a cell, e.g. ``kanjivg/rigl-s0.50-p0.05-seed0``."""
+    """The stable id of a cell, e.g. ``kanjivg/rigl-s0.50-p0.05-seed0``; ``method`` may be a
+    variant's name (``small-dense``)."""
     parts = [method]
-    if method != "dense":
+    if sparsity > 0:
         parts.append(f"s{fmt_value(sparsity)}")
     if prune_ratio is not None:
         parts.append(f"p{fmt_value(prune_ratio)}")
@@ -215,6 +247,7 @@ def parse_study(raw: dict[str, Any], name: str = "study", source: str = "") -> S
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: dataset names must be distinct, got {names}")
 
+    extras = _extra_cells(raw.get("extra_cells", []), names, where)
     ev = raw.get("eval", {})
     extra = sorted(set(ev) - {"num_samples", "seed"})
     if extra:
@@ -234,12 +267,62 @@ def parse_study(raw: dict[str, Any], name: str = "study", source: str = "") -> S
         prune_ratios=prune_ratios,
         seeds=seeds,
         overrides=_overrides(raw.get("overrides"), f"{where}: [overrides]"),
+        extra_cells=extras,
         eval_num_samples=num_samples,
         eval_seed=eval_seed,
         out_dir=raw.get("out_dir"),
         description=str(raw.get("description", "")),
         source=source,
     )
+
+
+def _extra_cells(raw: Any, datasets: list[str], where: str) -> list[ExtraCell]:
+    if not isinstance(raw, list):
+        raise ValueError(f"{where}: extra_cells must be an array of tables ([[extra_cells]])")
+    out = []
+    for i, e in enumerate(raw):
+        ewhere = f"{where}: extra_cells[{i}]"
+        if not isinstance(e, dict):
+            raise ValueError(f"{ewhere} must be a table")
+        unknown = sorted(set(e) - _EXTRA_KEYS)
+        if unknown:
+            raise ValueError(f"{ewhere}: unknown keys {unknown}; known: {sorted(_EXTRA_KEYS)}")
+        method = e.get("method")
+        if method not in METHODS:
+            raise ValueError(
+                f"{ewhere}: method must be one of {', '.join(METHODS)}, got {method!r}"
+            )
+        variant = e.get("variant", method)
+        if not isinstance(variant, str) or not _NAME.match(variant):
+            raise ValueError(
+                f"{ewhere}: variant {variant!r} must be letters, digits, '_', '.', '-'"
+            )
+        sparsity, p = e.get("sparsity", 0.0), e.get("prune_ratio")
+        if method == "dense" and sparsity:
+            raise ValueError(f"{ewhere}: dense takes no sparsity")
+        if method != "dense" and not (isinstance(sparsity, (int, float)) and 0 < sparsity < 1):
+            raise ValueError(f"{ewhere}: {method} needs a sparsity in (0, 1), got {sparsity!r}")
+        if (p is not None) != (method in DYNAMIC):
+            raise ValueError(f"{ewhere}: prune_ratio is for {'/'.join(DYNAMIC)} only, and needed")
+        if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
+            raise ValueError(f"{ewhere}: prune_ratio must lie in (0, 1], got {p!r}")
+        per_dataset = e.get("dataset_overrides", {})
+        if not isinstance(per_dataset, dict) or set(per_dataset) - set(datasets):
+            raise ValueError(f"{ewhere}: dataset_overrides must be keyed by datasets {datasets}")
+        out.append(
+            ExtraCell(
+                variant=variant,
+                method=method,
+                sparsity=float(sparsity),
+                prune_ratio=None if p is None else float(p),
+                overrides=_overrides(e.get("overrides"), ewhere),
+                dataset_overrides={
+                    ds: _overrides(o, f"{ewhere}: dataset_overrides.{ds}")
+                    for ds, o in per_dataset.items()
+                },
+            )
+        )
+    return out
 
 
 def load_study(path: str | Path) -> Study:
@@ -260,30 +343,41 @@ def _settings(study: Study, method: str) -> list[tuple[float, float | None]]:
 
 
 def expand_grid(study: Study) -> list[Cell]:
-    """All cells of a study, dataset by dataset, then method, sparsity, p and seed."""
+    """All cells of a study, dataset by dataset: the cross product (method, sparsity, p, seed),
+    then the extra cells (each by seed)."""
     cells = []
     for ds in study.datasets:
-        for method in study.methods:
-            for sparsity, p in _settings(study, method):
-                for seed in study.seeds:
-                    grid: dict[str, Any] = {"sparse.method": method, "sparse.sparsity": sparsity}
-                    if p is not None:
-                        grid["sparse.prune_ratio"] = p
-                    grid["seed"] = seed
-                    overrides = {**study.overrides, **ds.overrides, **grid}
-                    cells.append(
-                        Cell(
-                            id=cell_id(ds.name, method, sparsity, p, seed),
-                            dataset=ds.name,
-                            preset=ds.preset,
-                            pipeline=ds.pipeline,
-                            method=method,
-                            sparsity=sparsity,
-                            prune_ratio=p,
-                            seed=seed,
-                            overrides=overrides,
-                        )
+        settings = [
+            (ExtraCell(method, method, sparsity, p), "")
+            for method in study.methods
+            for sparsity, p in _settings(study, method)
+        ]
+        settings += [(extra, extra.variant) for extra in study.extra_cells]
+        for setting, variant in settings:
+            for seed in study.seeds:
+                grid: dict[str, Any] = {
+                    "sparse.method": setting.method,
+                    "sparse.sparsity": setting.sparsity,
+                }
+                if setting.prune_ratio is not None:
+                    grid["sparse.prune_ratio"] = setting.prune_ratio
+                grid["seed"] = seed
+                own = {**setting.overrides, **setting.dataset_overrides.get(ds.name, {})}
+                name = variant or setting.method
+                cells.append(
+                    Cell(
+                        id=cell_id(ds.name, name, setting.sparsity, setting.prune_ratio, seed),
+                        dataset=ds.name,
+                        preset=ds.preset,
+                        pipeline=ds.pipeline,
+                        method=setting.method,
+                        sparsity=setting.sparsity,
+                        prune_ratio=setting.prune_ratio,
+                        seed=seed,
+                        overrides={**study.overrides, **ds.overrides, **own, **grid},
+                        variant=variant,
                     )
+                )
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         raise ValueError("two cells share an id; are two values equal at two decimals?")

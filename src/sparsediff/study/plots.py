@@ -28,7 +28,13 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _finish_fid_axes(fig: Any, ax: Any, xlabel: str, title: str, floor: float) -> Any:
+def _finish_fid_axes(
+    fig: Any, ax: Any, xlabel: str, title: str, floor: float, lines: dict[str, float] | None
+) -> Any:
+    for (label, y), style in zip(
+        (lines or {}).items(), (":", "--", "-.", (0, (1, 3))), strict=False
+    ):
+        ax.axhline(y, color="dimgray", lw=1, ls=style, label=f"{label} ({y:.1f})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(title, fontsize=10)
@@ -49,11 +55,13 @@ def _save(fig: Any, path: Path, dpi: int = 120) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
-def fid_vs_sparsity_figure(settings: list[Setting], title: str, floor: float = 0.0) -> Any:
+def fid_vs_sparsity_figure(
+    settings: list[Setting], title: str, floor: float = 0.0, lines: dict[str, float] | None = None
+) -> Any:
     """FID against sparsity, a line per (method, p) with std error bars, dense as a band.
 
-    The y axis starts at ``floor``: 0, or a known noise floor (the FID between two real
-    samples of the same sizes). None when there is nothing to draw.
+    The y axis starts at ``floor`` (0 by default), so the noise floors and baselines given as
+    ``lines`` (label -> FID, drawn dashed) stay in view. None when there is nothing to draw.
     """
     dense, sparse = split_dense(settings)
     fig = _figure(6, 4)
@@ -74,11 +82,14 @@ def fid_vs_sparsity_figure(settings: list[Setting], title: str, floor: float = 0
     if not plotted and dense is None:
         return None
     ax.set_xticks(sorted({s.sparsity * 100 for s in sparse}))
-    return _finish_fid_axes(fig, ax, "sparsity (%)", _fid_title(settings, title), floor)
+    return _finish_fid_axes(fig, ax, "sparsity (%)", _fid_title(settings, title), floor, lines)
 
 
-def fid_vs_flops_figure(settings: list[Setting], title: str, floor: float = 0.0) -> Any:
-    """FID against training FLOPs relative to dense (dense at 1); y from ``floor``."""
+def fid_vs_flops_figure(
+    settings: list[Setting], title: str, floor: float = 0.0, lines: dict[str, float] | None = None
+) -> Any:
+    """FID against training FLOPs relative to dense (dense at 1); y from ``floor``, with
+    ``lines`` as in :func:`fid_vs_sparsity_figure`."""
     fig = _figure(6, 4)
     ax = fig.add_subplot()
     xs_all = []
@@ -101,22 +112,30 @@ def fid_vs_flops_figure(settings: list[Setting], title: str, floor: float = 0.0)
     if max(xs_all) / max(min(xs_all), 1e-12) > 20:
         ax.set_xscale("log")
     xlabel = "training FLOPs (× dense)"
-    return _finish_fid_axes(fig, ax, xlabel, _fid_title(settings, title), floor)
+    return _finish_fid_axes(fig, ax, xlabel, _fid_title(settings, title), floor, lines)
 
 
 def plot_fid_vs_sparsity(
-    settings: list[Setting], path: Path, title: str, floor: float = 0.0
+    settings: list[Setting],
+    path: Path,
+    title: str,
+    floor: float = 0.0,
+    lines: dict[str, float] | None = None,
 ) -> Path | None:
     """Write :func:`fid_vs_sparsity_figure` as a PNG."""
-    fig = fid_vs_sparsity_figure(settings, title, floor)
+    fig = fid_vs_sparsity_figure(settings, title, floor, lines)
     return None if fig is None else _save(fig, path)
 
 
 def plot_fid_vs_flops(
-    settings: list[Setting], path: Path, title: str, floor: float = 0.0
+    settings: list[Setting],
+    path: Path,
+    title: str,
+    floor: float = 0.0,
+    lines: dict[str, float] | None = None,
 ) -> Path | None:
     """Write :func:`fid_vs_flops_figure` as a PNG."""
-    fig = fid_vs_flops_figure(settings, title, floor)
+    fig = fid_vs_flops_figure(settings, title, floor, lines)
     return None if fig is None else _save(fig, path)
 
 

@@ -2,8 +2,9 @@
 
 ``write_report(study_dir)`` reads ``results.jsonl`` (and ``study.json`` for the command and the
 dataset order) and writes ``report/report.md`` with its PNGs next to it in ``report/``. Results
-come first: per dataset (with a bold warning when FID rests on too few images), then the "safe
-values", then the evaluation protocol.
+come first: per dataset (with a bold warning when FID rests on too few images; the noise floors
+and baselines; FID against the first stage's reconstructions where there is one), then a verdict
+per claim of the study, the "safe values", and the evaluation protocol.
 
 Conventions: in the FID table the Dense row repeats the dense reference in every column, and bold
 marks the lowest mean FID among the sparse settings of each column. Settings, statistics over
@@ -27,10 +28,13 @@ from sparsediff.study.stats import (
     MIN_FID_SAMPLES,
     MISSING,
     REL_TOL,
+    Comparison,
     Setting,
     Stat,
+    baselines,
     compare_prune_ratios,
     group_settings,
+    judge,
     pct,
     row_label,
     row_order,
@@ -67,6 +71,7 @@ def metric_table(
     digits: int = 2,
     scale: float = 1.0,
     higher_better: bool = False,
+    source: str = "metrics",
 ) -> str:
     """Markdown table of one dataset: rows (method, p), columns sparsity levels.
 
@@ -75,19 +80,19 @@ def metric_table(
     """
     dense, sparse = split_dense(settings)
     columns = _columns(sparse)
-    n_full = max((s.metric(metric).n for s in settings), default=0)
+    n_full = max((s.metric(metric, source).n for s in settings), default=0)
     cells: dict[tuple, dict[float, Stat]] = {}
     for s in sparse:
-        cells.setdefault(s.row, {})[s.sparsity] = s.metric(metric)
+        cells.setdefault(s.row, {})[s.sparsity] = s.metric(metric, source)
     pick = max if higher_better else min
     best = {}
     for col in columns:
         means = [c[col].mean for c in cells.values() if col in c and c[col].mean is not None]
         best[col] = pick(means) if means else None
     rows = []
-    if dense is not None:
-        text = dense.metric(metric).format(digits, scale, n_full)
-        rows.append(["Dense"] + [text] * len(columns))
+    for s in ([dense] if dense is not None else []) + baselines(settings):
+        text = s.metric(metric, source).format(digits, scale, n_full)
+        rows.append([row_label(*s.row)] + [text] * len(columns))
     for row in sorted(cells, key=row_order):
         line = [row_label(*row)]
         for col in columns:
@@ -104,19 +109,38 @@ def fid_table(settings: list[Setting]) -> str:
 
 
 def cost_table(settings: list[Setting]) -> str:
-    """Params / train / inference / sample FLOPs relative to dense, per (method, p) and sparsity."""
-    _, sparse = split_dense(settings)
+    """Params / train / inference / sample FLOPs relative to dense, and the measured sampling
+    time relative to dense's, per (method, p) and sparsity (baselines repeated per column)."""
+    dense, sparse = split_dense(settings)
     columns = _columns(sparse)
+    dense_seconds = dense.cost("sampling_seconds_per_sample").mean if dense else None
     cells: dict[tuple, dict[float, str]] = {}
-    for s in sparse:
+    rows = []
+    for s in sparse + baselines(settings):
         parts = [_ratio(s.cost_ratio(key, dense_key).mean) for _, key, dense_key in COST_RATIOS]
-        cells.setdefault(s.row, {})[s.sparsity] = " / ".join(parts)
-    rows = [
+        if s.method != "dense" and s.sparsity == 0:  # a smaller dense model: its own size
+            parts[0] = _ratio(_over(s.cost("params_nonzero"), dense, "params_nonzero"))
+            for i in (1, 2, 3):  # train / inference / sample FLOPs against dense's
+                _, key, _ = COST_RATIOS[i]
+                parts[i] = _ratio(_over(s.cost(key), dense, key))
+        seconds = s.cost("sampling_seconds_per_sample").mean
+        parts.append(_ratio(seconds / dense_seconds if seconds and dense_seconds else None))
+        if s.sparsity == 0:
+            rows.append([row_label(*s.row)] + [" / ".join(parts)] * len(columns))
+        else:
+            cells.setdefault(s.row, {})[s.sparsity] = " / ".join(parts)
+    rows += [
         [row_label(*row)] + [cells[row].get(col, MISSING) for col in columns]
         for row in sorted(cells, key=row_order)
     ]
-    title = "×dense: params / train / inference / sample FLOPs"
+    title = "×dense: params / train / inference / sample FLOPs / sampling time"
     return _markdown([title] + [pct(c) for c in columns], rows)
+
+
+def _over(value: Stat, dense: Setting | None, key: str) -> float | None:
+    """A baseline's cost as a fraction of dense's (None when either is unknown)."""
+    ref = dense.cost(key).mean if dense else None
+    return value.mean / ref if value.mean is not None and ref else None
 
 
 def dense_cost(settings: list[Setting]) -> str | None:
@@ -174,6 +198,51 @@ def other_tables(settings: list[Setting]) -> list[str]:
         for metric, title, digits, scale, higher in OTHER_METRICS
         if any(s.metric(metric).n for s in settings)
     ]
+
+
+FLOOR_ROWS = (
+    ("real_vs_real", "Real vs real"),
+    ("autoencoder", "First-stage reconstructions vs real"),
+)
+FLOOR_METRICS = (("fid", "FID ↓", 2, 1.0, False), *OTHER_METRICS)
+
+
+def floors_table(settings: list[Setting], floors: dict | None) -> str | None:
+    """The noise floors (sets no model can beat, measured by the same protocol) above dense and
+    the baselines: what a difference between models has to be measured against."""
+    dense, _ = split_dense(settings)
+    rows = []
+    for key, label in FLOOR_ROWS:
+        values = ((floors or {}).get("floors") or {}).get(key)
+        if values:
+            texts = [_value(values.get(m), d, sc) for m, _, d, sc, _ in FLOOR_METRICS]
+            rows.append([f"{label} (floor)", *texts, MISSING])
+    for s in ([dense] if dense is not None else []) + baselines(settings):
+        n = len(s.records)
+        texts = [s.metric(m).format(d, sc) for m, _, d, sc, _ in FLOOR_METRICS]
+        params = s.cost("params_nonzero").mean
+        label = f"{row_label(*s.row)} ({n} seed{'s' if n != 1 else ''})"
+        rows.append([label, *texts, _count(params) if params is not None else MISSING])
+    if not rows or (floors is None and not baselines(settings)):
+        return None
+    header = (
+        ["Noise floors and baselines"] + [t for _, t, *_ in FLOOR_METRICS] + ["Non-zero params"]
+    )
+    table = _markdown(header, rows)
+    if floors:
+        proto = floors.get("protocol") or {}
+        ref, other = proto.get("reference") or {}, proto.get("second_set") or {}
+        table += (
+            f"\n\nFloors: the reference set ({ref.get('split')}, {ref.get('size')} items) against "
+            f"a disjoint real set ({other.get('split')}, {other.get('size')} items from item "
+            f"{other.get('offset', 0)}), and against the first stage's reconstructions of that "
+            "set where the pipeline has one; same feature network and KID subset size."
+        )
+    return table
+
+
+def _value(x: float | None, digits: int, scale: float) -> str:
+    return MISSING if x is None else f"{x * scale:.{digits}f}"
 
 
 def small_sample_warning(settings: list[Setting]) -> str | None:
@@ -261,12 +330,132 @@ def _safe_section(records: list[dict], datasets: list[str], rel_tol: float) -> l
     return lines
 
 
+RECON = "metrics_vs_reconstructions"
+
+
+def _reference_lines(settings: list[Setting], floors: dict | None) -> dict[str, float]:
+    """Horizontal FID lines for the plots: the noise floors and the baselines."""
+    out = {}
+    for key, label in FLOOR_ROWS:
+        fid = (((floors or {}).get("floors") or {}).get(key) or {}).get("fid")
+        if fid is not None:
+            out[label] = fid
+    for b in baselines(settings):
+        if (fid := b.metric("fid").mean) is not None:
+            out[row_label(*b.row)] = fid
+    return out
+
+
+UNSTRUCTURED = ("static", "rigl", "magran")  # the study's methods; variants are extra rows
+
+
+def _verdict(agree: int, disagree: int, unknown: int) -> str:
+    """One word for a claim from its comparisons."""
+    if disagree and not agree:
+        return "**disagree**"
+    if agree and not disagree and not unknown:
+        return "**agree**"
+    if agree and disagree:
+        return "**mixed**"
+    if agree:
+        return "**partly**"
+    return "**cannot tell**"
+
+
+def _claim_dense(settings: list[Setting], rel_tol: float) -> list[str]:
+    """Claim 1: sparse training at 25-50% sparsity matches or beats dense."""
+    dense, sparse = split_dense(settings)
+    picked = [s for s in sparse if s.sparsity <= 0.5 and s.method in UNSTRUCTURED]
+    if dense is None or dense.metric("fid").mean is None or not picked:
+        return ["- 25–50% sparsity matches or beats dense: not run here."]
+    verdicts = [v for v in (judge(s, dense.metric("fid"), rel_tol) for s in picked) if v]
+    worse = [v for v in verdicts if not v.safe and not v.weak]
+    weak = [v for v in verdicts if v.weak]
+    good = len(verdicts) - len(worse) - len(weak)
+    head = _verdict(good, len(worse), len(weak))
+    lines = [
+        f"- 25–50% sparsity matches or beats dense: {head} — {good} of {len(verdicts)} settings "
+        f"are not worse than dense beyond the noise, {len(worse)} are worse"
+        + (f", {len(weak)} with a single seed (no test)" if weak else "")
+        + "."
+    ]
+    return lines + [f"  - {v.describe()}" for v in verdicts]
+
+
+def _claim_prune_ratio(settings: list[Setting]) -> list[str]:
+    """Claim 2: at high sparsity a small p is safer than a large one."""
+    comparisons = compare_prune_ratios([r for s in settings for r in s.records])
+    comparisons = [c for c in comparisons if c.sparsity >= 0.75]
+    if not comparisons:
+        return ["- p = 0.05 is safer than p = 0.5 at high sparsity: not run here."]
+    agree = sum(c.conclusive and c.low_better for c in comparisons)
+    disagree = sum(c.conclusive and not c.low_better for c in comparisons)
+    head = _verdict(agree, disagree, len(comparisons) - agree - disagree)
+    lines = [f"- p = 0.05 is safer than p = 0.5 at high sparsity: {head}."]
+    return lines + [f"  - {c.describe()}" for c in comparisons]
+
+
+def _claim_small_dense(settings: list[Setting], rel_tol: float) -> list[str]:
+    """Claim 3 (the reader's question): a sparse model beats a dense one of its size."""
+    _, sparse = split_dense(settings)
+    small = [b for b in baselines(settings) if b.metric("fid").mean is not None]
+    picked = [s for s in sparse if s.sparsity == 0.5 and s.metric("fid").mean is not None]
+    if not small or not picked:
+        return ["- 50% sparse beats a small dense model of its parameter count: not run here."]
+    base = small[0]
+    params = base.cost("params_nonzero").mean
+    lines = []
+    counts = {"beats": 0, "worse than": 0, "matches": 0}
+    for s in picked:
+        c = Comparison.of(s.metric("fid"), base.metric("fid"), rel_tol)
+        counts[c.word] += 1
+        nonzero = s.cost("params_nonzero").mean
+        lines.append(
+            f"  - {s.label}: FID {c.value.format()} ({_count(nonzero) if nonzero else MISSING} "
+            f"non-zero parameters) {c.word} {row_label(*base.row)} {c.reference.format()} "
+            f"({_count(params) if params else MISSING}; {c.rule})"
+        )
+    head = _verdict(counts["beats"], counts["worse than"], counts["matches"])
+    return [
+        f"- 50% sparse beats a small dense model of its parameter count: {head} — "
+        f"{counts['beats']} beat it, {counts['matches']} match it, "
+        f"{counts['worse than']} are worse."
+    ] + lines
+
+
+def claims_section(
+    by_dataset: dict[str, list[Setting]], datasets: list[str], rel_tol: float
+) -> list[str]:
+    """A verdict per claim of the study, per dataset: agree / disagree / cannot tell."""
+    lines = [
+        "## The study's claims",
+        "",
+        "Each claim is checked per dataset with a two-sided Welch t-test at 5% on the per-seed "
+        "FIDs (`sparsediff.study.stats`). *Agree*: every comparison goes the claim's way beyond "
+        'the noise (for "matches or beats": none is worse beyond it); *disagree*: they go '
+        "against it beyond the noise; *partly*: some go its way beyond the noise, the others "
+        "are within it; *mixed*: some each way; *cannot tell*: all within the noise, or single "
+        "seeds. With 3 seeds only large differences are detectable: a match is "
+        '"no difference this study could see", not proof of equality.',
+        "",
+    ]
+    for ds in datasets:
+        settings = by_dataset[ds]
+        lines += [f"### {ds}", ""]
+        lines += _claim_dense(settings, rel_tol)
+        lines += _claim_prune_ratio(settings)
+        lines += _claim_small_dense(settings, rel_tol)
+        lines.append("")
+    return lines
+
+
 def write_report(study_dir: Path, rel_tol: float = REL_TOL) -> Path:
     """Write ``study_dir/report/report.md`` and its PNGs; return the report's path."""
     study_dir = Path(study_dir)
     # the last line of a cell wins; lines without a cell's identity cannot be placed in a table
     by_id = {r["id"]: r for r in read_results(study_dir / RESULTS_FILE)}
     records = [r for r in by_id.values() if r.get("dataset") and r.get("method")]
+    floors = {r["dataset"]: r for r in by_id.values() if r.get("kind") == "floors"}
     if not records:
         raise ValueError(f"no results in {study_dir / RESULTS_FILE}")
     study_path = study_dir / STUDY_FILE
@@ -304,6 +493,21 @@ def write_report(study_dir: Path, rel_tol: float = REL_TOL) -> Path:
             lines += [warning, ""]
         lines += [f"Preset `{first.get('preset')}` ({first.get('pipeline')}).", ""]
         lines += [fid_table(settings), ""]
+        if (table := floors_table(settings, floors.get(ds))) is not None:
+            lines += [table, ""]
+        if any(s.metric("fid", RECON).n for s in settings):
+            lines += [
+                "Against the first stage's reconstructions of the reference images instead of "
+                "the images: this isolates the denoiser (the part that is sparse) from the "
+                "autoencoder's own error.",
+                "",
+                metric_table(settings, "fid", "FID vs reconstructions ↓", source=RECON),
+                "",
+                metric_table(
+                    settings, "kid_mean", "KID ×10³ vs reconstructions ↓", 2, 1e3, source=RECON
+                ),
+                "",
+            ]
         if (line := dense_cost(settings)) is not None:
             lines += [line, ""]
         lines += [cost_table(settings), ""]
@@ -313,12 +517,14 @@ def write_report(study_dir: Path, rel_tol: float = REL_TOL) -> Path:
             (plot_fid_vs_sparsity, f"fid_vs_sparsity_{slug}.png", "FID vs sparsity"),
             (plot_fid_vs_flops, f"fid_vs_train_flops_{slug}.png", "FID vs training FLOPs"),
         ]
+        lines_at = _reference_lines(settings, floors.get(ds))
         for plot, filename, caption in figures:
-            if plot(settings, out / filename, ds) is not None:
+            if plot(settings, out / filename, ds, lines=lines_at) is not None:
                 lines += [f"![{caption}]({filename})", ""]
         samples = f"samples_{slug}.png"
         if compose_samples(settings, study_dir, out / samples, ds) is not None:
             lines += [f"![Samples]({samples})", ""]
+    lines += claims_section(by_dataset, datasets, rel_tol)
     lines += _safe_section(records, datasets, rel_tol)
     # last: the full protocol is for checking comparability, not the first thing to read
     lines += ["", "## Protocol", "", "<details><summary>Evaluation protocol per dataset</summary>"]

@@ -1,11 +1,16 @@
 """Grouping a study's results into settings, their statistics over seeds, and the verdicts.
 
-A *setting* is (dataset, method, p, sparsity), aggregated over seeds as mean and sample standard
-deviation (``Stat``; the std needs >= 2 seeds). A sparse setting is *safe* when its mean FID <=
-dense mean + tolerance, where the tolerance is the larger of the known standard deviations of
-dense and the setting (known = >= 2 seeds); with neither known it is ``rel_tol`` (``REL_TOL``, 5%)
-of the dense mean, and the verdict is weak. It *beats* dense only when its mean FID is below
-dense mean - tolerance: a lower mean inside the noise is a match, not a win. ``sample_sizes``
+A *setting* is (dataset, row, p, sparsity), aggregated over seeds as mean and sample standard
+deviation (``Stat``; the std needs >= 2 seeds); its row is the cell's variant (``small-dense``,
+``rigl-channel``) or else its method. Settings at sparsity 0 other than dense are *baselines*.
+
+Two settings are compared by a two-sided Welch t-test on their per-seed values at ``ALPHA``
+(5%), when both have >= 2 seeds: one *beats* the other when its mean is lower and p < 5%, is
+*worse* when higher and p < 5%, and otherwise *matches* it (the difference is within the seed
+noise; with 3 seeds only large differences are detectable). A sparse setting is *safe* when it is
+not worse than dense. With a single seed on either side there is no test: the tolerance is the
+known standard deviation, or ``rel_tol`` (``REL_TOL``, 5%) of the dense mean, and the verdict
+is weak. ``sample_sizes``
 collects the FID sample counts and seed counts behind a dataset's numbers, for the report's
 titles and small-sample warning.
 """
@@ -14,12 +19,15 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 METHOD_NAMES = {"dense": "Dense", "static": "Static", "rigl": "RigL", "magran": "MagRan"}
+VARIANT_NAMES = {"small-dense": "Small dense", "rigl-channel": "RigL channel"}
 REL_TOL = 0.05
+ALPHA = 0.05
 MISSING = "–"
 # Below this many generated or reference images FID is strongly biased by n and noisy
 # (docs/evaluation.md, "Sample counts"): a few FID points between settings mean nothing.
@@ -33,14 +41,16 @@ class Stat:
     mean: float | None
     std: float | None
     n: int
+    values: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, values: Iterable[Any]) -> Stat:
         """Summarize the numeric, finite values (others are ignored)."""
-        xs = [float(v) for v in values if _number(v)]
+        xs = tuple(float(v) for v in values if _number(v))
         if not xs:
             return cls(None, None, 0)
-        return cls(statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs))
+        std = statistics.stdev(xs) if len(xs) > 1 else None
+        return cls(statistics.fmean(xs), std, len(xs), xs)
 
     def format(self, digits: int = 2, scale: float = 1.0, n_full: int = 0) -> str:
         """``12.34 ± 0.56``; ``12.34`` with one seed; ``(n=k)`` when fewer seeds than others."""
@@ -58,9 +68,72 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def welch_p(a: Stat, b: Stat) -> float | None:
+    """Two-sided p-value of Welch's t-test on the seeds of ``a`` and ``b``; None below two seeds
+    on either side. Both without spread: 1 for equal means, 0 for different ones."""
+    if a.n < 2 or b.n < 2:
+        return None
+    if not a.std and not b.std:
+        return 1.0 if a.mean == b.mean else 0.0
+    from scipy.stats import ttest_ind  # scipy comes with scikit-image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(ttest_ind(a.values, b.values, equal_var=False).pvalue)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``value`` against ``reference`` (lower is better): a Welch test when both have >= 2
+    seeds, else the tolerance rule, marked weak."""
+
+    value: Stat
+    reference: Stat
+    p_value: float | None
+    tolerance: float | None
+    rule: str
+
+    @classmethod
+    def of(cls, value: Stat, reference: Stat, rel_tol: float = REL_TOL) -> Comparison:
+        """Compare two statistics (both must have a mean)."""
+        p = welch_p(value, reference)
+        if p is not None:
+            return cls(value, reference, p, None, f"Welch t-test, p = {p:.3f}")
+        known = [s for s in (reference.std, value.std) if s is not None]
+        if known:
+            return cls(value, reference, None, max(known), "seed spread, no test")
+        tol = rel_tol * abs(reference.mean)
+        return cls(value, reference, None, tol, f"{rel_tol:.0%} of the reference, no spread")
+
+    @property
+    def weak(self) -> bool:
+        """No test: a single seed on either side."""
+        return self.p_value is None
+
+    @property
+    def lower(self) -> bool:
+        """Lower beyond the noise."""
+        if self.p_value is not None:
+            return self.p_value < ALPHA and self.value.mean < self.reference.mean
+        return self.value.mean < self.reference.mean - self.tolerance
+
+    @property
+    def higher(self) -> bool:
+        """Higher beyond the noise."""
+        if self.p_value is not None:
+            return self.p_value < ALPHA and self.value.mean > self.reference.mean
+        return self.value.mean > self.reference.mean + self.tolerance
+
+    @property
+    def word(self) -> str:
+        """``beats``, ``matches`` or ``worse than``."""
+        return "beats" if self.lower else "worse than" if self.higher else "matches"
+
+
 @dataclass
 class Setting:
-    """One (dataset, method, p, sparsity) and its records, one per seed."""
+    """One (dataset, row, p, sparsity) and its records, one per seed; ``method`` holds the
+    row's name (a cell's variant, else its method)."""
 
     dataset: str
     method: str
@@ -79,9 +152,14 @@ class Setting:
         base = row_label(*self.row)
         return base if self.method == "dense" else f"{base} at {pct(self.sparsity)}"
 
-    def metric(self, name: str) -> Stat:
-        """A metric over seeds."""
-        return Stat.of((r.get("metrics") or {}).get(name) for r in self.records)
+    def metric(self, name: str, source: str = "metrics") -> Stat:
+        """A metric over seeds (``source``: the records' ``metrics`` or, e.g.,
+        ``metrics_vs_reconstructions``)."""
+        return Stat.of((r.get(source) or {}).get(name) for r in self.records)
+
+    def cost(self, key: str) -> Stat:
+        """A cost over seeds."""
+        return Stat.of((r.get("cost") or {}).get(key) for r in self.records)
 
     def cost_ratio(self, key: str, dense_key: str) -> Stat:
         """cost[key] / cost[dense_key] over seeds."""
@@ -151,8 +229,8 @@ def pct(sparsity: float) -> str:
 
 
 def row_label(method: str, prune_ratio: float | None) -> str:
-    """``Dense``, ``Static``, ``RigL (p=0.05)``."""
-    name = METHOD_NAMES.get(method, method)
+    """``Dense``, ``Static``, ``RigL (p=0.05)``, ``Small dense``."""
+    name = METHOD_NAMES.get(method) or VARIANT_NAMES.get(method, method)
     return name if prune_ratio is None else f"{name} (p={prune_ratio:g})"
 
 
@@ -168,7 +246,7 @@ def group_settings(records: list[dict]) -> dict[str, list[Setting]]:
     groups: dict[str, dict[tuple, Setting]] = {}
     for r in records:
         p = r.get("prune_ratio")
-        key = (r["method"], p, float(r.get("sparsity") or 0.0))
+        key = (r.get("variant") or r["method"], p, float(r.get("sparsity") or 0.0))
         by_key = groups.setdefault(r["dataset"], {})
         by_key.setdefault(key, Setting(r["dataset"], key[0], p, key[2])).records.append(r)
     return {
@@ -180,52 +258,64 @@ def group_settings(records: list[dict]) -> dict[str, list[Setting]]:
 def split_dense(settings: list[Setting]) -> tuple[Setting | None, list[Setting]]:
     """The dense setting (None without one) and the sparse settings."""
     dense = [s for s in settings if s.method == "dense"]
-    return (dense[0] if dense else None), [s for s in settings if s.method != "dense"]
+    return (dense[0] if dense else None), [s for s in settings if s.sparsity > 0]
+
+
+def baselines(settings: list[Setting]) -> list[Setting]:
+    """Settings at sparsity 0 other than dense (e.g. a small-dense model)."""
+    return [s for s in settings if s.sparsity == 0 and s.method != "dense"]
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """Whether a sparse setting matches or beats dense within the seed spread."""
+    """Whether a sparse setting matches, beats or is worse than dense (see the module doc)."""
 
     setting: Setting
-    fid: Stat
-    dense: Stat
-    tolerance: float
-    rule: str
-    safe: bool
-    beats: bool
-    weak: bool
+    comparison: Comparison
+
+    @property
+    def fid(self) -> Stat:
+        """The setting's FID."""
+        return self.comparison.value
+
+    @property
+    def dense(self) -> Stat:
+        """Dense FID."""
+        return self.comparison.reference
+
+    @property
+    def safe(self) -> bool:
+        """Not worse than dense beyond the noise."""
+        return not self.comparison.higher
+
+    @property
+    def beats(self) -> bool:
+        """Better than dense beyond the noise."""
+        return self.comparison.lower
+
+    @property
+    def weak(self) -> bool:
+        """A single seed on either side: no test."""
+        return self.comparison.weak
 
     def describe(self) -> str:
-        """``RigL (p=0.05) at 50%: FID 1.00 ± 0.10 vs dense 1.20 ± 0.10, beats dense``."""
-        how = "beats dense" if self.beats else "matches dense" if self.safe else "worse than dense"
+        """``RigL (p=0.05) at 50%: FID 9.50 ± 0.71 vs dense 11.00 ± 1.41, matches dense (...)``."""
+        c = self.comparison
+        how = {"beats": "beats dense", "matches": "matches dense"}.get(c.word, "worse than dense")
+        rule = c.rule if c.tolerance is None else f"tolerance {c.tolerance:.2f}, {c.rule}"
         weak = "; weak: single seed" if self.weak else ""
         return (
             f"{self.setting.label}: FID {self.fid.format()} vs dense {self.dense.format()}, "
-            f"{how} (tolerance {self.tolerance:.2f}, {self.rule}{weak})"
+            f"{how} ({rule}{weak})"
         )
 
 
 def judge(setting: Setting, dense: Stat, rel_tol: float = REL_TOL) -> Verdict | None:
-    """The safe-value verdict of one sparse setting against dense; None without both FIDs."""
+    """The verdict of one sparse setting against dense; None without both FIDs."""
     fid = setting.metric("fid")
     if fid.mean is None or dense.mean is None:
         return None
-    known = [s for s in (dense.std, fid.std) if s is not None]
-    if known:
-        tolerance, rule = max(known), "seed spread"
-    else:
-        tolerance, rule = rel_tol * abs(dense.mean), f"{rel_tol:.0%} of dense, no spread known"
-    return Verdict(
-        setting=setting,
-        fid=fid,
-        dense=dense,
-        tolerance=tolerance,
-        rule=rule,
-        safe=fid.mean <= dense.mean + tolerance,
-        beats=fid.mean < dense.mean - tolerance,  # better only beyond the noise
-        weak=min(fid.n, dense.n) < 2,
-    )
+    return Verdict(setting, Comparison.of(fid, dense, rel_tol))
 
 
 def safe_values(records: list[dict], rel_tol: float = REL_TOL) -> dict[str, list[Verdict]]:
@@ -259,9 +349,9 @@ class PComparison:
 
     @property
     def conclusive(self) -> bool:
-        """The gap exceeds the known seed spread (never with single seeds)."""
-        known = [s for s in (self.low.std, self.high.std) if s is not None]
-        return bool(known) and abs(self.low.mean - self.high.mean) > max(known)
+        """The gap is beyond the noise by a Welch t-test (never with single seeds)."""
+        p = welch_p(self.low, self.high)
+        return p is not None and p < ALPHA
 
     def describe(self) -> str:
         """A sentence stating which p is better, and how firmly."""
@@ -273,11 +363,12 @@ class PComparison:
         if self.low.mean == self.high.mean:
             return head + "a tie."
         win, lose = (self.p_low, self.p_high) if self.low_better else (self.p_high, self.p_low)
+        p = welch_p(self.low, self.high)
         firm = (
-            "beyond the seed spread"
+            f"Welch t-test p = {p:.3f}, beyond the noise"
             if self.conclusive
             else "not conclusive: "
-            + ("within the seed spread" if self.low.n > 1 or self.high.n > 1 else "single seed")
+            + (f"within the noise, Welch t-test p = {p:.3f}" if p is not None else "single seed")
         )
         return head + f"p = {win:g} is better than p = {lose:g} ({firm})."
 

@@ -19,14 +19,21 @@ The cells of one dataset may share work under ``shared/<dataset>/``: each pipeli
 cache, since the comparison is about the denoiser). With several devices, a dataset whose shared
 work does not exist yet runs one cell at a time.
 
-Resuming: a cell with a results line is skipped. Otherwise it is trained with ``resume=True`` when
-its run directory already exists (a checkpoint is resumed, a done.json skips training) and then
-evaluated. A failing cell does not stop the others; ``run_study`` raises at the end, and running it
-again retries only what is missing.
+Noise floors: once a dataset has a finished cell, its floors (real vs real, and the first
+stage's reconstructions vs real where there is one; see
+``sparsediff.pipelines.evaluation.noise_floors``) are measured by that cell's protocol and
+recorded as one more line, ``{"id": "<dataset>/floors", "kind": "floors", "dataset", "floors",
+"protocol", "run_dir", "seconds", "finished_at"}``; the report shows them beside the models.
+
+Resuming: a cell (or a floors line) with a results line is skipped. Otherwise it is trained with
+``resume=True`` when its run directory already exists (a checkpoint is resumed, a done.json skips
+training) and then evaluated. A failing cell does not stop the others; ``run_study`` raises at
+the end, and running it again retries only what is missing.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import multiprocessing
 import os
@@ -45,13 +52,14 @@ from tqdm import tqdm
 
 from sparsediff.config import absolute_paths, load_config
 from sparsediff.io import write_text
-from sparsediff.pipelines import evaluate, get_pipeline, train
+from sparsediff.pipelines import evaluate, get_pipeline, noise_floors, train
 from sparsediff.pipelines.run import DONE_FILE, is_started
 from sparsediff.study.grid import Cell, Study, expand_grid, load_study
 from sparsediff.study.results import RESULTS_FILE, STUDY_FILE, append_result, jsonable, read_results
 
 TrainFn = Callable[[str, dict, Path, bool], Any]
 EvaluateFn = Callable[[Path, int | None, int], dict]
+FloorsFn = Callable[[Path], dict]
 
 _DEVICE: str | None = None  # the device a pool worker claimed
 
@@ -73,6 +81,44 @@ def default_train(preset: str, overrides: dict, run_dir: Path, resume: bool) -> 
 def default_evaluate(run_dir: Path, num_samples: int | None, seed: int) -> dict:
     """Evaluate one cell with the pipelines' evaluation protocol."""
     return evaluate(run_dir, num_samples, seed=seed)
+
+
+def default_floors(run_dir: Path) -> dict:
+    """The noise floors by the protocol of a finished run."""
+    return noise_floors(run_dir)
+
+
+def floors_id(dataset: str) -> str:
+    """The results-line id of a dataset's noise floors."""
+    return f"{dataset}/floors"
+
+
+def record_floors(
+    study_dir: Path, cells: list[Cell], finished: set[str], floors_fn: FloorsFn
+) -> list[str]:
+    """Measure and append the floors of every dataset that has a finished cell but no floors
+    line yet (with its first finished cell's run); returns the datasets done."""
+    results_path, done = study_dir / RESULTS_FILE, []
+    for cell in cells:
+        if cell.id not in finished or floors_id(cell.dataset) in finished:
+            continue
+        run_dir = study_dir / "runs" / cell.id
+        start = time.perf_counter()
+        floors = floors_fn(run_dir)
+        record = {
+            "id": floors_id(cell.dataset),
+            "kind": "floors",
+            "dataset": cell.dataset,
+            "floors": floors.get("floors", {}),
+            "protocol": floors.get("protocol", {}),
+            "run_dir": _relative(run_dir, study_dir),
+            "seconds": time.perf_counter() - start,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        append_result(results_path, jsonable(record))
+        finished.add(record["id"])
+        done.append(cell.dataset)
+    return done
 
 
 def visible_devices(device: str) -> str:
@@ -190,28 +236,39 @@ def run_study(
     train_fn: TrainFn | None = None,
     evaluate_fn: EvaluateFn | None = None,
     progress: bool = True,
+    floors_fn: FloorsFn | None = None,
+    only: list[str] | None = None,
 ) -> Path:
     """Train and evaluate every unfinished cell of a study; return the study directory.
 
     With ``devices`` (e.g. ``["cuda:0", "cuda:1"]``) cells run in that many worker processes,
     one per device (CUDA_VISIBLE_DEVICES set per worker); ``train_fn``/``evaluate_fn`` must then
     be picklable (module-level functions). Without, cells run one after another in-process.
+    ``floors_fn`` measures a dataset's noise floors from a finished run; unset, ``noise_floors``
+    with the default evaluation and none with a custom ``evaluate_fn``. ``only``: glob patterns
+    of cell ids; the other cells are left alone (a study run in parts, e.g. one process per
+    seed: the results file takes one line per cell from each).
     """
     study = load_study(study_toml)
     study_dir = Path(out_dir) if out_dir is not None else study.default_out_dir()
     cells, sharing = share_work(expand_grid(study), study_dir)
     train_fn = train_fn or default_train
+    if floors_fn is None and evaluate_fn is None:
+        floors_fn = default_floors
     evaluate_fn = evaluate_fn or default_evaluate
     study_dir.mkdir(parents=True, exist_ok=True)
     write_study_json(study, cells, study_dir, list(devices or []))
     results_path = study_dir / RESULTS_FILE
     finished = {r["id"] for r in read_results(results_path)}
-    pending = [c for c in cells if c.id not in finished]
+    selected = [c for c in cells if not only or any(fnmatch.fnmatchcase(c.id, p) for p in only)]
+    if not selected:
+        raise ValueError(f"no cell id matches {only}; ids look like {cells[0].id}")
+    pending = [c for c in selected if c.id not in finished]
     args = (study_dir, study.eval_num_samples, study.eval_seed, train_fn, evaluate_fn)
     failed: dict[str, str] = {}
     bar = tqdm(
-        total=len(cells),
-        initial=len(cells) - len(pending),
+        total=len(selected),
+        initial=len(selected) - len(pending),
         unit="cell",
         desc=study.name,
         disable=not progress,
@@ -221,6 +278,7 @@ def run_study(
     def finish(cell: Cell, record: dict | None, error: BaseException | None) -> None:
         if error is None:
             append_result(results_path, record)
+            finished.add(cell.id)
         else:  # keep going: one broken cell must not cost the rest of a long sweep
             failed[cell.id] = "".join(traceback.format_exception(error))
             tqdm.write(f"cell {cell.id} failed:\n{failed[cell.id]}", file=sys.stderr)
@@ -234,12 +292,25 @@ def run_study(
                     record = run_cell(cell, *args)
                 except Exception as exc:
                     finish(cell, None, exc)
-                else:
-                    finish(cell, record, None)
+                    continue
+                finish(cell, record, None)
+                if floors_fn and floors_id(cell.dataset) not in finished:  # they frame the rest
+                    bar.set_description_str(f"{cell.dataset} noise floors")
+                    try:
+                        record_floors(study_dir, [cell], finished, floors_fn)
+                    except Exception as exc:
+                        failed[floors_id(cell.dataset)] = "".join(traceback.format_exception(exc))
+                        tqdm.write(f"noise floors failed:\n{failed[floors_id(cell.dataset)]}")
         else:
             done_datasets = {c.dataset for c in cells if c.id in finished}
             cold = sharing - done_datasets
             _run_pool(pending, args, devices, cold, bar, finish)
+    try:  # in-process runs measured them as they went; after a pool, or a resume: now
+        if floors_fn:
+            record_floors(study_dir, cells, finished, floors_fn)
+    except Exception as exc:
+        failed["floors"] = "".join(traceback.format_exception(exc))
+        tqdm.write(f"noise floors failed:\n{failed['floors']}", file=sys.stderr)
     if failed:
         raise StudyError(failed)
     return study_dir
