@@ -1,0 +1,118 @@
+"""Measured sampling speed-up of a study's trained channel-sparse runs, condensed, against dense.
+
+For every finished cell of a study whose run trained with ``sparse.granularity = "channel"``,
+one process loads the run's EMA denoiser (masked), condenses it (``models/condense.py``: the
+dead channels removed, same outputs) and finds the dense cell of the same dataset and seed. It
+then times ``Pipeline.generate`` (the run's evaluation sampler and steps, decoding included) on
+the same ``--batch`` sample seeds for the three networks: dense, masked, condensed. Every round
+times each network once in a rotating order, so machine load hits all of them; the numbers are
+medians over ``--rounds`` and "x dense" is dense's median over the network's (> 1: faster). The
+largest difference between the condensed and the masked samples is printed beside.
+
+    python benchmarks/study_speedup.py studies/evidence            # 1 thread, 5 rounds
+    python benchmarks/study_speedup.py docs/results/evidence --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sparsediff.models.condense import condense
+from sparsediff.pipelines.base import sample_seeds
+from sparsediff.pipelines.run import load_run
+from sparsediff.study.results import RESULTS_FILE, read_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ldm_throughput import machine  # noqa: E402  (the shared harness, next to this file)
+
+
+def _params(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def measure(study_dir: Path, batch: int, rounds: int) -> list[dict]:
+    """One record per channel-sparse cell that has a dense twin."""
+    records = [r for r in read_results(study_dir / RESULTS_FILE) if r.get("method")]
+    dense = {
+        (r["dataset"], r["seed"]): r
+        for r in records
+        if r.get("variant", "") == "" and r["method"] == "dense"
+    }
+    out = []
+    for r in records:
+        if r.get("overrides", {}).get("sparse.granularity") != "channel":
+            continue
+        twin = dense.get((r["dataset"], r["seed"]))
+        if twin is None:
+            print(f"{r['id']}: no dense cell of seed {r['seed']} yet; skipped")
+            continue
+        pipeline, masked = load_run(study_dir / r["run_dir"], "cpu")
+        condensed, _ = condense(masked)
+        _, dense_net = load_run(study_dir / twin["run_dir"], "cpu")
+        settings = pipeline.sampling(pipeline.cfg.eval)
+        seeds = sample_seeds(pipeline.cfg.eval.seed, 0, batch)
+        nets = {"dense": dense_net, "masked": masked, "condensed": condensed}
+        times: dict[str, list[float]] = {name: [] for name in nets}
+        with torch.inference_mode():
+            a = pipeline.generate(masked, seeds, settings)
+            b = pipeline.generate(condensed, seeds, settings)
+            for i in range(rounds):
+                names = list(nets)[i % 3 :] + list(nets)[: i % 3]
+                for name in names:
+                    tick = time.perf_counter()
+                    pipeline.generate(nets[name], seeds, settings)
+                    times[name].append(time.perf_counter() - tick)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        out.append(
+            {
+                "id": r["id"],
+                "dense_id": twin["id"],
+                "seconds": med,
+                "speedup": {name: med["dense"] / med[name] for name in nets},
+                "params": {name: _params(net) for name, net in nets.items()},
+                "max_abs_diff_condensed_vs_masked": float((a - b).abs().max()),
+                "sampler": f"{settings.sampler} {settings.steps} steps",
+                "batch": batch,
+                "rounds": rounds,
+            }
+        )
+        m, s = out[-1]["seconds"], out[-1]["speedup"]
+        print(
+            f"{r['id']}: dense {m['dense']:.2f} s, masked {m['masked']:.2f} s "
+            f"({s['masked']:.2f}x), condensed {m['condensed']:.2f} s ({s['condensed']:.2f}x); "
+            f"params {out[-1]['params']['condensed']:,} of {out[-1]['params']['dense']:,}; "
+            f"max |condensed - masked| {out[-1]['max_abs_diff_condensed_vs_masked']:.1e}"
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study_dir", type=Path)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write the records here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{machine(torch.device('cpu'))}, {args.threads} thread(s), torch {torch.__version__}")
+    records = measure(args.study_dir, args.batch, args.rounds)
+    if not records:
+        print("no finished channel-sparse cell with a dense twin")
+    speedups = [r["speedup"]["condensed"] for r in records]
+    if speedups:
+        mean = statistics.fmean(speedups)
+        print(f"condensed channel sampling speed-up over {len(speedups)} run(s): {mean:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
