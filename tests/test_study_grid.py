@@ -243,6 +243,7 @@ def test_extra_cells_outside_the_cross_product():
         ({"method": "dense", "overrides": {"seed": 3}}, "which the grid controls"),
         ({"method": "dense", "colour": 1}, "unknown keys"),
         ({"method": "dense", "variant": "a b"}, "variant"),
+        ({"method": "static", "sparsity": 0.5, "variant": "dense"}, "another method's name"),
     ],
 )
 def test_bad_extra_cells_are_refused(extra, match):

@@ -381,3 +381,19 @@ def test_plots_draw_the_floors_and_baselines():
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "Real vs real (2.5)" in labels
     assert ax.get_ylim()[0] == 0  # the floor stays in view
+
+
+def test_floors_of_another_protocol_are_not_shown(tmp_path):
+    for r in _records(TOY, "toy"):
+        append_result(tmp_path / "results.jsonl", r)
+    stale = {
+        "id": "toy/floors",
+        "kind": "floors",
+        "dataset": "toy",
+        "floors": {"real_vs_real": {"fid": 2.5}},
+        "protocol": {"reference": {"split": "test", "size": 128}},  # the models used 1000
+    }
+    append_result(tmp_path / "results.jsonl", stale)
+    text = write_report(tmp_path).read_text()
+    assert "was measured with another reference than" in text
+    assert "Real vs real (floor)" not in text

@@ -122,8 +122,8 @@ class ModelConfig(_Section):
     }
 
     preset: str = "fmnist"  # ldm: UNet preset (ldm4, small, fmnist, tiny)
-    # ldm: the UNet's block channels in place of the preset's ([] = the preset's); the width of
-    # an attention head scales with them, so the number of heads stays the preset's
+    # ldm: the UNet's block channels in place of the preset's ([] = the preset's); an attention
+    # head keeps the preset's width, capped at the narrowest block (models.unet.unet_config)
     channels: list[int] = field(default_factory=list)
     # chirodiff only
     arch: str = "birnn"  # birnn | transformer

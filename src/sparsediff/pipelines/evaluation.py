@@ -286,7 +286,7 @@ def noise_floors(
     )
     real, key = real_sets(e.reference_split, e.reference_size)
     split = (e.floor_split if floor_split is None else floor_split) or e.reference_split
-    offset = key["size"] if split == e.reference_split else 0
+    offset = e.reference_size if split == e.reference_split else 0  # items read, kept or not
     other, other_key = real_sets(split, e.reference_size, offset)
     if other_key["size"] < key["size"]:
         raise ValueError(
@@ -307,6 +307,7 @@ def noise_floors(
             "second_set": other_key,
             "kid_subset_size": kid,
             "seed": e.seed,
+            "first_stage": pipeline.first_stage_id(),
             "feature_network": real_sets.identity(),
             "device": device_name,
             "versions": _versions(),
@@ -390,6 +391,7 @@ def evaluate(
         "samples_grid": str(grid),
     }
     if pipeline.first_stage_id() is not None:  # isolates the denoiser, the part that is sparse
+        record["protocol"]["first_stage"] = pipeline.first_stage_id()
         recon, _ = real_sets(e.reference_split, e.reference_size, reconstructed=True)
         record["metrics_vs_reconstructions"] = compute_metrics(
             recon, fake_features, kid_subset_size=kid_subset_size, seed=plan.seed

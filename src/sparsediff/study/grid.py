@@ -297,6 +297,8 @@ def _extra_cells(raw: Any, datasets: list[str], where: str) -> list[ExtraCell]:
             raise ValueError(
                 f"{ewhere}: variant {variant!r} must be letters, digits, '_', '.', '-'"
             )
+        if variant in METHODS and variant != method:  # its rows would merge with that method's
+            raise ValueError(f"{ewhere}: variant {variant!r} is another method's name")
         sparsity, p = e.get("sparsity", 0.0), e.get("prune_ratio")
         if method == "dense" and sparsity:
             raise ValueError(f"{ewhere}: dense takes no sparsity")

@@ -8,6 +8,7 @@ floor) and their titles state the sample counts and seeds.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,8 @@ def _figure(width: float, height: float) -> Any:
 def _finish_fid_axes(
     fig: Any, ax: Any, xlabel: str, title: str, floor: float, lines: dict[str, float] | None
 ) -> Any:
-    for (label, y), style in zip(
-        (lines or {}).items(), (":", "--", "-.", (0, (1, 3))), strict=False
-    ):
+    styles = itertools.cycle((":", "--", "-.", (0, (1, 3))))
+    for (label, y), style in zip((lines or {}).items(), styles):
         ax.axhline(y, color="dimgray", lw=1, ls=style, label=f"{label} ({y:.1f})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("FID (lower is better)")
@@ -93,9 +93,10 @@ def fid_vs_flops_figure(
     fig = _figure(6, 4)
     ax = fig.add_subplot()
     xs_all = []
-    for row in sorted({s.row for s in settings}, key=row_order):
+    drawn = [s for s in settings if s.method == "dense" or s.sparsity > 0]  # baselines: lines
+    for row in sorted({s.row for s in drawn}, key=row_order):
         pts = []
-        for s in settings:
+        for s in drawn:
             flops, fid = s.cost_ratio("train_flops", "train_flops_dense"), s.metric("fid")
             if s.row == row and flops.mean is not None and fid.mean is not None:
                 pts.append((flops.mean, fid))

@@ -41,16 +41,14 @@ class Stat:
     mean: float | None
     std: float | None
     n: int
-    values: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, values: Iterable[Any]) -> Stat:
         """Summarize the numeric, finite values (others are ignored)."""
-        xs = tuple(float(v) for v in values if _number(v))
+        xs = [float(v) for v in values if _number(v)]
         if not xs:
             return cls(None, None, 0)
-        std = statistics.stdev(xs) if len(xs) > 1 else None
-        return cls(statistics.fmean(xs), std, len(xs), xs)
+        return cls(statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs))
 
     def format(self, digits: int = 2, scale: float = 1.0, n_full: int = 0) -> str:
         """``12.34 ± 0.56``; ``12.34`` with one seed; ``(n=k)`` when fewer seeds than others."""
@@ -69,17 +67,19 @@ def _number(v: Any) -> bool:
 
 
 def welch_p(a: Stat, b: Stat) -> float | None:
-    """Two-sided p-value of Welch's t-test on the seeds of ``a`` and ``b``; None below two seeds
-    on either side. Both without spread: 1 for equal means, 0 for different ones."""
+    """Two-sided p-value of Welch's t-test on the seeds summarised by ``a`` and ``b`` (mean,
+    sample std, n); None below two seeds on either side. Both without spread: 1 for equal means,
+    0 for different ones."""
     if a.n < 2 or b.n < 2:
         return None
     if not a.std and not b.std:
         return 1.0 if a.mean == b.mean else 0.0
-    from scipy.stats import ttest_ind  # scipy comes with scikit-image
+    from scipy.stats import ttest_ind_from_stats
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(ttest_ind(a.values, b.values, equal_var=False).pvalue)
+        test = ttest_ind_from_stats(a.mean, a.std, a.n, b.mean, b.std, b.n, equal_var=False)
+    return float(test.pvalue)
 
 
 @dataclass(frozen=True)
@@ -356,7 +356,7 @@ class PComparison:
     def describe(self) -> str:
         """A sentence stating which p is better, and how firmly."""
         head = (
-            f"{METHOD_NAMES.get(self.method, self.method)} at {pct(self.sparsity)}: "
+            f"{row_label(self.method, None)} at {pct(self.sparsity)}: "
             f"p = {self.p_low:g} gives FID {self.low.format()}, p = {self.p_high:g} gives "
             f"{self.high.format()}; "
         )

@@ -94,19 +94,31 @@ def floors_id(dataset: str) -> str:
 
 
 def record_floors(
-    study_dir: Path, cells: list[Cell], finished: set[str], floors_fn: FloorsFn
-) -> list[str]:
-    """Measure and append the floors of every dataset that has a finished cell but no floors
-    line yet (with its first finished cell's run); returns the datasets done."""
-    results_path, done = study_dir / RESULTS_FILE, []
+    study_dir: Path,
+    cells: list[Cell],
+    finished: set[str],
+    floors_fn: FloorsFn,
+    failed: dict[str, str],
+) -> None:
+    """Measure and append the floors of every dataset of ``cells`` that has a finished cell here
+    (its run directory on this machine) but no floors line yet, with that cell's run. A failure
+    goes into ``failed`` under the floors id and is not retried in this call."""
     for cell in cells:
-        if cell.id not in finished or floors_id(cell.dataset) in finished:
-            continue
+        key = floors_id(cell.dataset)
         run_dir = study_dir / "runs" / cell.id
+        if key in finished or key in failed or cell.id not in finished:
+            continue
+        if not (run_dir / DONE_FILE).exists():  # finished elsewhere: the results line only
+            continue
         start = time.perf_counter()
-        floors = floors_fn(run_dir)
+        try:
+            floors = floors_fn(run_dir)
+        except Exception as exc:
+            failed[key] = "".join(traceback.format_exception(exc))
+            tqdm.write(f"noise floors of {cell.dataset} failed:\n{failed[key]}", file=sys.stderr)
+            continue
         record = {
-            "id": floors_id(cell.dataset),
+            "id": key,
             "kind": "floors",
             "dataset": cell.dataset,
             "floors": floors.get("floors", {}),
@@ -115,10 +127,8 @@ def record_floors(
             "seconds": time.perf_counter() - start,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        append_result(results_path, jsonable(record))
-        finished.add(record["id"])
-        done.append(cell.dataset)
-    return done
+        append_result(study_dir / RESULTS_FILE, jsonable(record))
+        finished.add(key)
 
 
 def visible_devices(device: str) -> str:
@@ -294,23 +304,15 @@ def run_study(
                     finish(cell, None, exc)
                     continue
                 finish(cell, record, None)
-                if floors_fn and floors_id(cell.dataset) not in finished:  # they frame the rest
+                if floors_fn:  # early: they frame every later result
                     bar.set_description_str(f"{cell.dataset} noise floors")
-                    try:
-                        record_floors(study_dir, [cell], finished, floors_fn)
-                    except Exception as exc:
-                        failed[floors_id(cell.dataset)] = "".join(traceback.format_exception(exc))
-                        tqdm.write(f"noise floors failed:\n{failed[floors_id(cell.dataset)]}")
+                    record_floors(study_dir, [cell], finished, floors_fn, failed)
         else:
             done_datasets = {c.dataset for c in cells if c.id in finished}
             cold = sharing - done_datasets
             _run_pool(pending, args, devices, cold, bar, finish)
-    try:  # in-process runs measured them as they went; after a pool, or a resume: now
-        if floors_fn:
-            record_floors(study_dir, cells, finished, floors_fn)
-    except Exception as exc:
-        failed["floors"] = "".join(traceback.format_exception(exc))
-        tqdm.write(f"noise floors failed:\n{failed['floors']}", file=sys.stderr)
+    if floors_fn:  # in-process runs measured them as they went; after a pool or a resume: now
+        record_floors(study_dir, selected, finished, floors_fn, failed)
     if failed:
         raise StudyError(failed)
     return study_dir
