@@ -371,6 +371,9 @@ def test_claims_floors_and_small_dense_in_the_report(tmp_path):
     assert "50% sparse beats a small dense model of its parameter count: **partly**" in claims
     assert "RigL (p=0.05) at 50%: FID 8.50 ± 0.50 (1.00 k non-zero parameters) beats" in claims
     assert "Static at 50%: FID 11.00 ± 0.50 (1.00 k non-zero parameters) matches" in claims
+    # the same claims once more on the FIDs against the reconstructions (here: half of each)
+    recon = text[text.index("### toy — against the first stage's reconstructions") :]
+    assert "RigL (p=0.05) at 50%: FID 4.25 ± 0.25 vs dense 5.50 ± 0.50, beats dense" in recon
     for png in ("fid_vs_sparsity_toy.png", "fid_vs_train_flops_toy.png"):
         assert (tmp_path / "report" / png).stat().st_size > 0
 

@@ -15,6 +15,7 @@ from typing import Any
 from sparsediff.io import atomic_write
 from sparsediff.study.stats import (
     Setting,
+    baselines,
     pct,
     row_label,
     row_order,
@@ -168,36 +169,42 @@ def _panel(ax: Any, img: Any) -> None:
 def compose_samples(
     settings: list[Setting], study_dir: Path, path: Path, title: str
 ) -> Path | None:
-    """Sample grids side by side: Dense once on top, then a row per (method, p) and a column per
-    sparsity."""
+    """Sample grids side by side: Dense and the baselines (e.g. a small dense model) on top, then
+    a row per (method, p) and a column per sparsity; a setting that was not run is left blank."""
     dense, sparse = split_dense(settings)
     columns = sorted({s.sparsity for s in sparse})
     rows = sorted({s.row for s in sparse}, key=row_order)
     at = {(s.row, s.sparsity): s for s in sparse}
+    top_settings = ([dense] if dense is not None else []) + baselines(settings)
 
     def grid_of(s: Setting | None) -> Any:
         return _load_image(s.sample_record().get("samples_grid"), study_dir) if s else None
 
-    dense_img = grid_of(dense)
+    top_imgs = [grid_of(s) for s in top_settings]
     panels = [[grid_of(at.get((row, col))) for col in columns] for row in rows]
-    if dense_img is None and all(img is None for line in panels for img in line):
+    if all(img is None for img in top_imgs) and all(img is None for ln in panels for img in ln):
         return None
-    top = 1 if dense is not None else 0  # the first row holds the one dense panel
-    nrows, ncols = top + len(rows), max(len(columns), 1)
+    top = 1 if top_settings else 0  # the first row holds dense and the baselines
+    nrows, ncols = top + len(rows), max(len(columns), len(top_settings), 1)
     fig = _figure(2.2 * ncols, 2.4 * nrows + 0.4)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     if top:
-        _panel(axes[0][0], dense_img)
-        axes[0][0].set_ylabel("Dense", fontsize=9)
-        for ax in axes[0][1:]:
-            ax.set_axis_off()
+        for j, ax in enumerate(axes[0]):
+            if j < len(top_settings):
+                _panel(ax, top_imgs[j])
+                ax.set_title(row_label(*top_settings[j].row), fontsize=9)
+            else:
+                ax.set_axis_off()
     for i, row in enumerate(rows):
-        for j, col in enumerate(columns):
+        for j in range(ncols):
             ax = axes[top + i][j]
+            if j >= len(columns) or (row, columns[j]) not in at:
+                ax.set_axis_off()  # not part of the grid
+                continue
             _panel(ax, panels[i][j])
             if i == 0:
-                ax.set_title(f"S = {pct(col)}", fontsize=9)
-            if j == 0:
+                ax.set_title(f"S = {pct(columns[j])}", fontsize=9)
+            if j == 0 or (row, columns[j - 1]) not in at:
                 ax.set_ylabel(row_label(*row), fontsize=9)
     fig.suptitle(f"{title}: samples with fixed seeds (seed-0 runs)")
     return _save(fig, path, dpi=110)

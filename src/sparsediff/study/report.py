@@ -379,13 +379,14 @@ def _verdict(agree: int, disagree: int, unknown: int) -> str:
     return "**cannot tell**"
 
 
-def _claim_dense(settings: list[Setting], rel_tol: float) -> list[str]:
+def _claim_dense(settings: list[Setting], rel_tol: float, source: str) -> list[str]:
     """Claim 1: sparse training at 25-50% sparsity matches or beats dense."""
     dense, sparse = split_dense(settings)
     picked = [s for s in sparse if 0.25 <= s.sparsity <= 0.5 and s.method in UNSTRUCTURED]
-    if dense is None or dense.metric("fid").mean is None or not picked:
+    if dense is None or dense.metric("fid", source).mean is None or not picked:
         return ["- 25–50% sparsity matches or beats dense: not run here."]
-    verdicts = [v for v in (judge(s, dense.metric("fid"), rel_tol) for s in picked) if v]
+    ref = dense.metric("fid", source)
+    verdicts = [v for v in (judge(s, ref, rel_tol, source) for s in picked) if v]
     worse = [v for v in verdicts if not v.safe and not v.weak]
     weak = [v for v in verdicts if v.weak]
     good = len(verdicts) - len(worse) - len(weak)
@@ -399,9 +400,9 @@ def _claim_dense(settings: list[Setting], rel_tol: float) -> list[str]:
     return lines + [f"  - {v.describe()}" for v in verdicts]
 
 
-def _claim_prune_ratio(settings: list[Setting]) -> list[str]:
+def _claim_prune_ratio(settings: list[Setting], source: str) -> list[str]:
     """Claim 2: at high sparsity a small p is safer than a large one."""
-    comparisons = compare_prune_ratios([r for s in settings for r in s.records])
+    comparisons = compare_prune_ratios([r for s in settings for r in s.records], source)
     comparisons = [c for c in comparisons if c.sparsity >= 0.75]
     if not comparisons:
         return ["- p = 0.05 is safer than p = 0.5 at high sparsity: not run here."]
@@ -412,11 +413,17 @@ def _claim_prune_ratio(settings: list[Setting]) -> list[str]:
     return lines + [f"  - {c.describe()}" for c in comparisons]
 
 
-def _claim_small_dense(settings: list[Setting], rel_tol: float) -> list[str]:
+def _claim_small_dense(settings: list[Setting], rel_tol: float, source: str) -> list[str]:
     """Claim 3 (the reader's question): a sparse model beats a dense one of its size."""
     _, sparse = split_dense(settings)
-    small = [b for b in baselines(settings) if b.metric("fid").mean is not None]
-    picked = [s for s in sparse if s.sparsity == 0.5 and s.metric("fid").mean is not None]
+    small = [b for b in baselines(settings) if b.metric("fid", source).mean is not None]
+    picked = [
+        s
+        for s in sparse
+        if s.sparsity == 0.5
+        and s.method in UNSTRUCTURED
+        and s.metric("fid", source).mean is not None
+    ]
     if not small or not picked:
         return ["- 50% sparse beats a small dense model of its parameter count: not run here."]
     named = [b for b in small if b.method == "small-dense"]
@@ -425,7 +432,7 @@ def _claim_small_dense(settings: list[Setting], rel_tol: float) -> list[str]:
     lines = []
     counts = {"beats": 0, "worse than": 0, "matches": 0}
     for s in picked:
-        c = Comparison.of(s.metric("fid"), base.metric("fid"), rel_tol)
+        c = Comparison.of(s.metric("fid", source), base.metric("fid", source), rel_tol)
         counts["matches" if c.weak else c.word] += 1  # no test, no verdict either way
         nonzero = s.cost("params_nonzero").mean
         lines.append(
@@ -437,7 +444,7 @@ def _claim_small_dense(settings: list[Setting], rel_tol: float) -> list[str]:
     return [
         f"- 50% sparse beats a small dense model of its parameter count: {head} — "
         f"{counts['beats']} beat it, {counts['matches']} match it, "
-        f"{counts['worse than']} are worse."
+        f"{counts['worse than']} worse than it."
     ] + lines
 
 
@@ -459,11 +466,17 @@ def claims_section(
     ]
     for ds in datasets:
         settings = by_dataset[ds]
-        lines += [f"### {ds}", ""]
-        lines += _claim_dense(settings, rel_tol)
-        lines += _claim_prune_ratio(settings)
-        lines += _claim_small_dense(settings, rel_tol)
-        lines.append("")
+        for source, what in (
+            ("metrics", ""),
+            (RECON, " — against the first stage's reconstructions"),
+        ):
+            if not any(s.metric("fid", source).n for s in settings):
+                continue
+            lines += [f"### {ds}{what}", ""]
+            lines += _claim_dense(settings, rel_tol, source)
+            lines += _claim_prune_ratio(settings, source)
+            lines += _claim_small_dense(settings, rel_tol, source)
+            lines.append("")
     return lines
 
 

@@ -310,9 +310,12 @@ class Verdict:
         )
 
 
-def judge(setting: Setting, dense: Stat, rel_tol: float = REL_TOL) -> Verdict | None:
-    """The verdict of one sparse setting against dense; None without both FIDs."""
-    fid = setting.metric("fid")
+def judge(
+    setting: Setting, dense: Stat, rel_tol: float = REL_TOL, source: str = "metrics"
+) -> Verdict | None:
+    """The verdict of one sparse setting against dense (FIDs of the records' ``source``); None
+    without both FIDs."""
+    fid = setting.metric("fid", source)
     if fid.mean is None or dense.mean is None:
         return None
     return Verdict(setting, Comparison.of(fid, dense, rel_tol))
@@ -373,13 +376,14 @@ class PComparison:
         return head + f"p = {win:g} is better than p = {lose:g} ({firm})."
 
 
-def compare_prune_ratios(records: list[dict]) -> list[PComparison]:
-    """For each dataset and dynamic method, compare p values at the highest shared sparsity."""
+def compare_prune_ratios(records: list[dict], source: str = "metrics") -> list[PComparison]:
+    """For each dataset and dynamic method, compare p values at the highest shared sparsity
+    (FIDs of the records' ``source``)."""
     out = []
     for ds, settings in group_settings(records).items():
         by_method: dict[str, dict[float, dict[float, Stat]]] = {}
         for s in settings:
-            fid = s.metric("fid")
+            fid = s.metric("fid", source)
             if s.prune_ratio is not None and fid.mean is not None:
                 by_method.setdefault(s.method, {}).setdefault(s.sparsity, {})[s.prune_ratio] = fid
         for method, by_sparsity in by_method.items():
