@@ -22,6 +22,7 @@ from sparsediff.study.stats import (
     Stat,
     compare_prune_ratios,
     group_settings,
+    holm,
     safe_values,
     sample_sizes,
 )
@@ -317,6 +318,35 @@ def test_sample_figure_shows_dense_once(tmp_path):
     assert 0.8 < area(colours["dense"]) / area(colours["rigl"]) < 1.25
 
 
+def test_holm_adjusted_p_values():
+    # by hand: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> the
+    # last raised to 0.06 (adjusted values never decrease with the raw ones)
+    got = holm([0.01, 0.04, 0.03, 0.005])
+    assert [round(q, 12) for q in got] == [0.03, 0.06, 0.06, 0.02]
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    assert holm([0.02]) == [0.02] and holm([]) == []
+
+
+def test_holm_correction_can_change_a_claims_verdict(tmp_path):
+    # RigL at 90%: p = 0.5 lower by 1.3 at std 0.5 (Welch p = 0.033 < 5% on its own); MagRan:
+    # within the noise. Holm over the 2 tests doubles 0.033: no longer beyond the noise.
+    table = {
+        ("dense", None, 0.0): [5.0, 5.5, 6.0],
+        ("rigl", 0.05, 0.9): [10.0, 10.5, 11.0],
+        ("rigl", 0.5, 0.9): [8.7, 9.2, 9.7],
+        ("magran", 0.05, 0.9): [10.0, 11.0, 12.0],
+        ("magran", 0.5, 0.9): [9.5, 10.5, 11.5],
+    }
+    for r in _records(table, "toy"):
+        append_result(tmp_path / "results.jsonl", r)
+    text = write_report(tmp_path).read_text()
+    assert "p = 0.5 is better than p = 0.05 (Welch t-test p = 0.033, beyond the noise)" in text
+    assert (
+        "- p = 0.05 is safer than p = 0.5 at high sparsity: **disagree**. Holm-corrected over "
+        "its 2 tests: **cannot tell** (0 for, 0 against beyond the noise)." in text
+    )
+
+
 def test_claims_floors_and_small_dense_in_the_report(tmp_path):
     records = _records(TOY, "toy")
     # a small dense model: the parameter count of the 50% models, a worse FID than RigL's
@@ -363,12 +393,17 @@ def test_claims_floors_and_small_dense_in_the_report(tmp_path):
     # static 25-50%, rigl at 50% with both p, magran (single seed): none worse, one weak
     assert (
         "- 25–50% sparsity matches or beats dense: **partly** — 3 of 4 settings are not "
-        "worse than dense beyond the noise, 0 are worse, 1 with a single seed (no test)." in claims
+        "worse than dense beyond the noise, 0 are worse, 1 with a single seed (no test). "
+        "Holm-corrected over its 3 tests: **partly** (0 worse)." in claims
     )
-    assert "- p = 0.05 is safer than p = 0.5 at high sparsity: **agree**." in claims
+    assert "- p = 0.05 is safer than p = 0.5 at high sparsity: **agree**.\n" in claims  # 1 test
     assert "p = 0.05 is better than p = 0.5 (Welch t-test p = 0.010, beyond the noise)" in claims
     # RigL p=0.05 at 50% (8.5 ± 0.5) beats small dense (10.5 ± 0.5, Welch p = 0.008), the rest match
-    assert "50% sparse beats a small dense model of its parameter count: **partly**" in claims
+    assert (
+        "50% sparse beats a small dense model of its parameter count: **partly** — 1 beat it, "
+        "3 match it, 0 worse than it. Holm-corrected over its 3 tests: **partly** (1 beat it, "
+        "0 worse)." in claims
+    )
     assert "RigL (p=0.05) at 50%: FID 8.50 ± 0.50 (1.00 k non-zero parameters) beats" in claims
     assert "Static at 50%: FID 11.00 ± 0.50 (1.00 k non-zero parameters) matches" in claims
     # the same claims once more on the FIDs against the reconstructions (here: half of each)

@@ -25,6 +25,7 @@ from sparsediff.io import read_json, write_text
 from sparsediff.study.plots import compose_samples, plot_fid_vs_flops, plot_fid_vs_sparsity
 from sparsediff.study.results import RESULTS_FILE, STUDY_FILE, read_results
 from sparsediff.study.stats import (
+    ALPHA,
     MIN_FID_SAMPLES,
     MISSING,
     REL_TOL,
@@ -34,6 +35,7 @@ from sparsediff.study.stats import (
     baselines,
     compare_prune_ratios,
     group_settings,
+    holm,
     judge,
     pct,
     row_label,
@@ -41,6 +43,7 @@ from sparsediff.study.stats import (
     safe_values,
     sample_sizes,
     split_dense,
+    welch_p,
 )
 
 # cost ratios shown against dense: (label, key, dense key)
@@ -379,6 +382,20 @@ def _verdict(agree: int, disagree: int, unknown: int) -> str:
     return "**cannot tell**"
 
 
+def _holm(tests: list[tuple[float, int]]) -> list[int]:
+    """The directions (+1 the claim's way, -1 against it) of a claim's tests ``(p, direction)``
+    that stay beyond the noise with Holm's correction over all of them; 0 for the others."""
+    adjusted = holm([p for p, _ in tests])
+    return [way if q < ALPHA else 0 for (_, way), q in zip(tests, adjusted)]
+
+
+def _holm_sentence(tests: list[tuple[float, int]], head: str, counts: str) -> str:
+    """`` Holm-corrected over its k tests: **verdict** (counts).`` ('' below two tests)."""
+    if len(tests) < 2:
+        return ""
+    return f" Holm-corrected over its {len(tests)} tests: {head} ({counts})."
+
+
 def _claim_dense(settings: list[Setting], rel_tol: float, source: str) -> list[str]:
     """Claim 1: sparse training at 25-50% sparsity matches or beats dense."""
     dense, sparse = split_dense(settings)
@@ -391,11 +408,20 @@ def _claim_dense(settings: list[Setting], rel_tol: float, source: str) -> list[s
     weak = [v for v in verdicts if v.weak]
     good = len(verdicts) - len(worse) - len(weak)
     head = _verdict(good, len(worse), len(weak))
+    tests = [
+        (v.comparison.p_value, -1 if v.fid.mean > ref.mean else 1) for v in verdicts if not v.weak
+    ]
+    worse_holm = _holm(tests).count(-1)
     lines = [
         f"- 25–50% sparsity matches or beats dense: {head} — {good} of {len(verdicts)} settings "
         f"are not worse than dense beyond the noise, {len(worse)} are worse"
         + (f", {len(weak)} with a single seed (no test)" if weak else "")
         + "."
+        + _holm_sentence(
+            tests,
+            _verdict(len(tests) - worse_holm, worse_holm, len(weak)),
+            f"{worse_holm} worse",
+        )
     ]
     return lines + [f"  - {v.describe()}" for v in verdicts]
 
@@ -409,7 +435,20 @@ def _claim_prune_ratio(settings: list[Setting], source: str) -> list[str]:
     agree = sum(c.conclusive and c.low_better for c in comparisons)
     disagree = sum(c.conclusive and not c.low_better for c in comparisons)
     head = _verdict(agree, disagree, len(comparisons) - agree - disagree)
-    lines = [f"- p = 0.05 is safer than p = 0.5 at high sparsity: {head}."]
+    tested = [(welch_p(c.low, c.high), 1 if c.low_better else -1) for c in comparisons]
+    signs = _holm([(p, way) for p, way in tested if p is not None])
+    agree_holm, disagree_holm = signs.count(1), signs.count(-1)
+    corrected = _verdict(
+        agree_holm, disagree_holm, len(comparisons) - agree_holm - disagree_holm
+    )
+    lines = [
+        f"- p = 0.05 is safer than p = 0.5 at high sparsity: {head}."
+        + _holm_sentence(
+            [t for t in tested if t[0] is not None],
+            corrected,
+            f"{agree_holm} for, {disagree_holm} against beyond the noise",
+        )
+    ]
     return lines + [f"  - {c.describe()}" for c in comparisons]
 
 
@@ -431,9 +470,12 @@ def _claim_small_dense(settings: list[Setting], rel_tol: float, source: str) -> 
     params = base.cost("params_nonzero").mean
     lines = []
     counts = {"beats": 0, "worse than": 0, "matches": 0}
+    tests = []
     for s in picked:
         c = Comparison.of(s.metric("fid", source), base.metric("fid", source), rel_tol)
         counts["matches" if c.weak else c.word] += 1  # no test, no verdict either way
+        if not c.weak:
+            tests.append((c.p_value, 1 if c.value.mean < c.reference.mean else -1))
         nonzero = s.cost("params_nonzero").mean
         lines.append(
             f"  - {s.label}: FID {c.value.format()} ({_count(nonzero) if nonzero else MISSING} "
@@ -441,10 +483,14 @@ def _claim_small_dense(settings: list[Setting], rel_tol: float, source: str) -> 
             f"({_count(params) if params else MISSING}; {c.rule})"
         )
     head = _verdict(counts["beats"], counts["worse than"], counts["matches"])
+    signs = _holm(tests)
+    beat_holm, worse_holm = signs.count(1), signs.count(-1)
+    corrected = _verdict(beat_holm, worse_holm, len(picked) - beat_holm - worse_holm)
     return [
         f"- 50% sparse beats a small dense model of its parameter count: {head} — "
         f"{counts['beats']} beat it, {counts['matches']} match it, "
         f"{counts['worse than']} worse than it."
+        + _holm_sentence(tests, corrected, f"{beat_holm} beat it, {worse_holm} worse")
     ] + lines
 
 
@@ -461,7 +507,10 @@ def claims_section(
         "against it beyond the noise; *partly*: some go its way beyond the noise, the others "
         "are within it; *mixed*: some each way; *cannot tell*: all within the noise, or single "
         "seeds. With 3 seeds only large differences are detectable: a match is "
-        '"no difference this study could see", not proof of equality.',
+        '"no difference this study could see", not proof of equality. Each test is at 5% on '
+        "its own; a claim with several tests also gets its verdict with Holm's correction, "
+        "which keeps the chance of any false difference in the claim at 5% "
+        "(`sparsediff.study.stats.holm`).",
         "",
     ]
     for ds in datasets:

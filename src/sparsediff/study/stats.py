@@ -7,7 +7,9 @@ deviation (``Stat``; the std needs >= 2 seeds); its row is the cell's variant (`
 Two settings are compared by a two-sided Welch t-test on their per-seed values at ``ALPHA``
 (5%), when both have >= 2 seeds: one *beats* the other when its mean is lower and p < 5%, is
 *worse* when higher and p < 5%, and otherwise *matches* it (the difference is within the seed
-noise; with 3 seeds only large differences are detectable). A sparse setting is *safe* when it is
+noise; with 3 seeds only large differences are detectable). A claim tests several settings at
+once, so the report also states its verdict with Holm's correction (``holm``), which keeps the
+chance of any false "beyond the noise" in the claim at 5%. A sparse setting is *safe* when it is
 not worse than dense. With a single seed on either side there is no test: the tolerance is the
 known standard deviation, or ``rel_tol`` (``REL_TOL``, 5%) of the dense mean, and the verdict
 is weak. ``sample_sizes``
@@ -20,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +82,17 @@ def welch_p(a: Stat, b: Stat) -> float | None:
         warnings.simplefilter("ignore", RuntimeWarning)
         test = ttest_ind_from_stats(a.mean, a.std, a.n, b.mean, b.std, b.n, equal_var=False)
     return float(test.pvalue)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the given order: the i-th smallest of ``m`` is
+    multiplied by ``m - i`` (i from 0), then made non-decreasing and capped at 1. An adjusted
+    p < ALPHA rejects with a family-wise error rate of ALPHA over all ``m`` tests."""
+    m, adjusted, running = len(p_values), [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 @dataclass(frozen=True)
