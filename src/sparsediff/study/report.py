@@ -438,9 +438,7 @@ def _claim_prune_ratio(settings: list[Setting], source: str) -> list[str]:
     tested = [(welch_p(c.low, c.high), 1 if c.low_better else -1) for c in comparisons]
     signs = _holm([(p, way) for p, way in tested if p is not None])
     agree_holm, disagree_holm = signs.count(1), signs.count(-1)
-    corrected = _verdict(
-        agree_holm, disagree_holm, len(comparisons) - agree_holm - disagree_holm
-    )
+    corrected = _verdict(agree_holm, disagree_holm, len(comparisons) - agree_holm - disagree_holm)
     lines = [
         f"- p = 0.05 is safer than p = 0.5 at high sparsity: {head}."
         + _holm_sentence(
