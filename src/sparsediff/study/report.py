@@ -292,11 +292,11 @@ def _safe_section(records: list[dict], datasets: list[str], rel_tol: float) -> l
     lines = [
         "## Safe values",
         "",
-        "A sparse setting is *safe* when its mean FID ≤ dense mean FID + tolerance. The tolerance "
-        "is the larger of the seed standard deviations of dense and of the setting (a standard "
-        f"deviation needs ≥ 2 seeds). When neither is known, the tolerance is {rel_tol:.0%} of the "
-        "dense mean FID. A verdict resting on a single seed on either side is marked weak: its "
-        "seed-to-seed spread is unknown.",
+        "A sparse setting is *safe* when its FID is not worse than dense beyond the noise: "
+        "with ≥ 2 seeds on both sides, not higher by a two-sided Welch t-test at 5%; with a "
+        "single seed on either side (no test), mean FID ≤ dense mean FID + tolerance, the "
+        "larger known seed standard deviation or, when neither is known, "
+        f"{rel_tol:.0%} of the dense mean FID. Such a verdict is marked weak.",
         "",
     ]
     safe_sets = []
