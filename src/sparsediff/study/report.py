@@ -414,7 +414,8 @@ def _claim_dense(settings: list[Setting], rel_tol: float, source: str) -> list[s
     worse_holm = _holm(tests).count(-1)
     lines = [
         f"- 25–50% sparsity matches or beats dense: {head} — {good} of {len(verdicts)} settings "
-        f"are not worse than dense beyond the noise, {len(worse)} are worse"
+        f"are not worse than dense beyond the noise, {len(worse)} "
+        f"{'is' if len(worse) == 1 else 'are'} worse"
         + (f", {len(weak)} with a single seed (no test)" if weak else "")
         + "."
         + _holm_sentence(
