@@ -43,7 +43,6 @@ from sparsediff.study.stats import (
     safe_values,
     sample_sizes,
     split_dense,
-    welch_p,
 )
 
 # cost ratios shown against dense: (label, key, dense key)
@@ -382,11 +381,12 @@ def _verdict(agree: int, disagree: int, unknown: int) -> str:
     return "**cannot tell**"
 
 
-def _holm(tests: list[tuple[float, int]]) -> list[int]:
-    """The directions (+1 the claim's way, -1 against it) of a claim's tests ``(p, direction)``
-    that stay beyond the noise with Holm's correction over all of them; 0 for the others."""
+def _holm(tests: list[tuple[float, int]]) -> tuple[int, int]:
+    """How many of a claim's tests ``(p, direction)`` (+1 the claim's way, -1 against it) stay
+    beyond the noise with Holm's correction over all of them: (the claim's way, against it)."""
     adjusted = holm([p for p, _ in tests])
-    return [way if q < ALPHA else 0 for (_, way), q in zip(tests, adjusted)]
+    kept = [way for (_, way), q in zip(tests, adjusted) if q < ALPHA]
+    return kept.count(1), kept.count(-1)
 
 
 def _holm_sentence(tests: list[tuple[float, int]], head: str, counts: str) -> str:
@@ -411,7 +411,7 @@ def _claim_dense(settings: list[Setting], rel_tol: float, source: str) -> list[s
     tests = [
         (v.comparison.p_value, -1 if v.fid.mean > ref.mean else 1) for v in verdicts if not v.weak
     ]
-    worse_holm = _holm(tests).count(-1)
+    _, worse_holm = _holm(tests)
     lines = [
         f"- 25–50% sparsity matches or beats dense: {head} — {good} of {len(verdicts)} settings "
         f"are not worse than dense beyond the noise, {len(worse)} "
@@ -436,14 +436,13 @@ def _claim_prune_ratio(settings: list[Setting], source: str) -> list[str]:
     agree = sum(c.conclusive and c.low_better for c in comparisons)
     disagree = sum(c.conclusive and not c.low_better for c in comparisons)
     head = _verdict(agree, disagree, len(comparisons) - agree - disagree)
-    tested = [(welch_p(c.low, c.high), 1 if c.low_better else -1) for c in comparisons]
-    signs = _holm([(p, way) for p, way in tested if p is not None])
-    agree_holm, disagree_holm = signs.count(1), signs.count(-1)
+    tests = [(c.p_value, 1 if c.low_better else -1) for c in comparisons if c.p_value is not None]
+    agree_holm, disagree_holm = _holm(tests)
     corrected = _verdict(agree_holm, disagree_holm, len(comparisons) - agree_holm - disagree_holm)
     lines = [
         f"- p = 0.05 is safer than p = 0.5 at high sparsity: {head}."
         + _holm_sentence(
-            [t for t in tested if t[0] is not None],
+            tests,
             corrected,
             f"{agree_holm} for, {disagree_holm} against beyond the noise",
         )
@@ -482,8 +481,7 @@ def _claim_small_dense(settings: list[Setting], rel_tol: float, source: str) -> 
             f"({_count(params) if params else MISSING}; {c.rule})"
         )
     head = _verdict(counts["beats"], counts["worse than"], counts["matches"])
-    signs = _holm(tests)
-    beat_holm, worse_holm = signs.count(1), signs.count(-1)
+    beat_holm, worse_holm = _holm(tests)
     corrected = _verdict(beat_holm, worse_holm, len(picked) - beat_holm - worse_holm)
     return [
         f"- 50% sparse beats a small dense model of its parameter count: {head} — "

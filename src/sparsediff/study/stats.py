@@ -364,9 +364,14 @@ class PComparison:
         return self.low.mean < self.high.mean
 
     @property
+    def p_value(self) -> float | None:
+        """Welch t-test of the two p values' FIDs; None with a single seed on either side."""
+        return welch_p(self.low, self.high)
+
+    @property
     def conclusive(self) -> bool:
         """The gap is beyond the noise by a Welch t-test (never with single seeds)."""
-        p = welch_p(self.low, self.high)
+        p = self.p_value
         return p is not None and p < ALPHA
 
     def describe(self) -> str:
@@ -379,7 +384,7 @@ class PComparison:
         if self.low.mean == self.high.mean:
             return head + "a tie."
         win, lose = (self.p_low, self.p_high) if self.low_better else (self.p_high, self.p_low)
-        p = welch_p(self.low, self.high)
+        p = self.p_value
         firm = (
             f"Welch t-test p = {p:.3f}, beyond the noise"
             if self.conclusive
