@@ -7,7 +7,10 @@ For dense and each granularity (unstructured and channel at ``--sparsities``, 2:
   ``diffusion.samplers.run_sampler``, with the network as it would be deployed: unstructured =
   the masked dense model (its zeros are multiplied), channel = the condensed network
   (``models/condense.py``; its largest difference to the masked model on one forward is
-  printed), 2:4 = semi-structured sparse kernels for the Linear layers on CUDA
+  printed); channel trains with the residual stream's writers tied
+  (``models.unet.stream_groups``), so the condensed network loses stream channels too, and
+  ``channel 50% untied`` shows the same without the ties; 2:4 = semi-structured sparse
+  kernels for the Linear layers on CUDA
   (``sparsity/semistructured.py``; elsewhere the masked dense model, with the reason);
 * **training**: AdamW + ``SparseTraining`` (RigL, ΔT = ``--update-interval``, constant p 0.05)
   on the masked dense model; one update interval is timed (ΔT steps, the last one with a mask
@@ -50,7 +53,7 @@ from sparsediff.diffusion.losses import epsilon_mse
 from sparsediff.diffusion.samplers import SamplingSettings, run_sampler
 from sparsediff.diffusion.schedules import make_scheduler
 from sparsediff.models.condense import condense
-from sparsediff.models.unet import build_unet
+from sparsediff.models.unet import build_unet, stream_groups
 from sparsediff.sparsity import SparseTraining
 from sparsediff.sparsity.semistructured import to_semi_structured
 
@@ -73,6 +76,7 @@ class Setting:
     label: str
     granularity: str | None  # None: dense
     sparsity: float
+    tied: bool = False  # channel: the residual stream's writers share their channels
     model: nn.Module | None = None  # training model (masked)
     optimizer: torch.optim.Optimizer | None = None
     deployed: nn.Module | None = None
@@ -86,8 +90,10 @@ class Setting:
 
 def settings_for(sparsities: list[float]) -> list[Setting]:
     out = [Setting("dense", None, 0.0)]
-    for granularity in ("unstructured", "channel"):
-        out += [Setting(f"{granularity} {s:.0%}", granularity, s) for s in sparsities]
+    out += [Setting(f"unstructured {s:.0%}", "unstructured", s) for s in sparsities]
+    out += [Setting(f"channel {s:.0%}", "channel", s, tied=True) for s in sparsities]
+    if 0.5 in sparsities:  # each writer of the stream with its own channels, for comparison
+        out.append(Setting("channel 50% untied", "channel", 0.5))
     return out + [Setting("2:4", "2:4", 0.5)]
 
 
@@ -117,6 +123,7 @@ def prepare(setting: Setting, base: nn.Module, args, device, x: torch.Tensor) ->
             total_steps=10**9,
             stop_fraction=1.0,
             seed=args.seed,
+            tied=stream_groups(setting.model) if setting.tied else (),
         )
     masked = copy.deepcopy(setting.model).eval()
     t1 = torch.zeros(1, dtype=torch.long, device=device)

@@ -97,3 +97,20 @@ def test_split_fractions_and_unet_channels_are_checked():
         load_config("chirodiff-tiny", {"data.split_fractions": [0.5, 0.5]})
     with pytest.raises(ValueError, match="model.channels"):
         load_config("ldm-tiny", {"model.channels": [0, 8]})
+
+
+def test_tie_stream_needs_channels_and_a_stream():
+    from sparsediff.config import SparseConfig
+    from sparsediff.training.loop import Task, _tied
+
+    sets = {"sparse.method": "rigl", "sparse.sparsity": 0.5, "sparse.tie_stream": True}
+    with pytest.raises(ValueError, match="needs sparse.granularity = 'channel'"):
+        load_config("ldm-tiny", sets)
+    cfg = load_config("ldm-tiny", {**sets, "sparse.granularity": "channel"})
+    assert cfg.sparse.tie_stream and "tie_stream" not in cfg.sparse.engine_settings()
+    streamless = Task(model=None, dataset=None, loss=None)  # e.g. ChiroDiff's GRU denoiser
+    with pytest.raises(ValueError, match="no residual stream to tie"):
+        _tied(streamless, cfg.sparse)
+    assert _tied(streamless, SparseConfig()) == []
+    groups = [["a.weight", "b.weight"]]
+    assert _tied(Task(None, None, None, stream_groups=groups), cfg.sparse) == groups

@@ -172,7 +172,7 @@ def test_parse_granularity_and_nm_sparsity_rule():
 @pytest.mark.filterwarnings("ignore:granularity .* cannot apply:UserWarning")
 def test_sparse_config_granularity_reaches_the_engine_rules():
     cfg = SparseConfig(method="static", sparsity=0.5, granularity="2:4")
-    rules = {k: v for k, v in vars(cfg).items() if k not in ("exclude", "include")}
+    rules = cfg.engine_settings()  # all but the parameter patterns and the stream ties
     check_settings(**rules, prefix="sparse.")
     model = _net()
     sparse = SparseTraining(

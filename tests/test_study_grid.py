@@ -204,11 +204,19 @@ def test_extra_cells_outside_the_cross_product():
                 "prune_ratio": 0.05,
                 "overrides": {"sparse.granularity": "channel"},
             },
+            {
+                "variant": "rigl-tied",
+                "method": "rigl",
+                "sparsity": 0.5,
+                "prune_ratio": 0.05,
+                "datasets": ["b"],  # dataset b only
+            },
         ],
     )
     cells = {c.id: c for c in expand_grid(study)}
-    # per dataset: dense 2 + rigl 2x2 + extras 3x2
-    assert len(cells) == 2 * (2 + 4 + 6)
+    # per dataset: dense 2 + rigl 2x2 + extras 3x2, and 2 more for dataset b
+    assert len(cells) == 2 * (2 + 4 + 6) + 2
+    assert "b/rigl-tied-s0.50-p0.05-seed1" in cells and "a/rigl-tied-s0.50-p0.05-seed1" not in cells
     assert "a/rigl-s0.90-p0.50-seed1" in cells and "a/rigl-s0.50-p0.50-seed0" not in cells
     small = cells["a/small-dense-seed1"]
     assert (small.method, small.variant, small.row, small.sparsity) == (
@@ -242,6 +250,8 @@ def test_extra_cells_outside_the_cross_product():
         ({"method": "dense", "dataset_overrides": {"zz": {}}}, "keyed by datasets"),
         ({"method": "dense", "overrides": {"seed": 3}}, "which the grid controls"),
         ({"method": "dense", "colour": 1}, "unknown keys"),
+        ({"method": "dense", "datasets": ["zz"]}, "datasets must be a non-empty list"),
+        ({"method": "dense", "datasets": []}, "datasets must be a non-empty list"),
         ({"method": "dense", "variant": "a b"}, "variant"),
         ({"method": "static", "sparsity": 0.5, "variant": "dense"}, "another method's name"),
     ],
@@ -255,7 +265,9 @@ def test_shipped_evidence_study_expands():
     cells = expand_grid(load_study(STUDIES / "evidence.toml"))
     per_dataset = Counter(c.dataset for c in cells)
     # dense, small-dense, static/rigl/magran at 25/50/90% (p 0.05), rigl/magran at 90% with
-    # p 0.5, rigl-channel at 50%: 14 settings x 3 seeds
-    assert set(per_dataset.values()) == {42}
+    # p 0.5, rigl-channel at 50%: 14 settings x 3 seeds; on Fashion-MNIST also rigl-channel
+    # with the UNet's residual stream tied (the condensed network that samples 1.5x faster)
+    assert per_dataset == {"fashion-mnist": 45, "kanjivg": 42}
     rows = Counter((c.dataset, c.row) for c in cells)
     assert rows[("fashion-mnist", "small-dense")] == 3
+    assert rows[("fashion-mnist", "rigl-channel-tied")] == 3

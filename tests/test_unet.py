@@ -79,3 +79,33 @@ def test_narrower_unet_of_the_same_layout():
         unet_config("fmnist", (20, 20))
     with pytest.raises(ValueError, match="has 2 blocks"):
         unet_config("fmnist", (24, 24, 24))
+
+
+def test_stream_groups_follow_the_residual_stream():
+    from sparsediff.models.unet import stream_groups, stream_steps
+
+    model = build_unet("tiny")
+    groups = stream_groups(model)
+    assert groups[0] == ["conv_in.weight", "down_blocks.0.resnets.0.conv2.weight"]
+    assert groups[1] == ["down_blocks.0.downsamplers.0.conv.weight"]
+    # a shortcut conv starts a segment; attention and identity resnets (mid block) add to it
+    assert groups[2] == [
+        "down_blocks.1.resnets.0.conv_shortcut.weight",
+        "down_blocks.1.resnets.0.conv2.weight",
+        "down_blocks.1.attentions.0.to_out.0.weight",
+        "mid_block.resnets.0.conv2.weight",
+        "mid_block.attentions.0.to_out.0.weight",
+        "mid_block.resnets.1.conv2.weight",
+    ]
+    assert len(groups) == 8 and groups[5] == ["up_blocks.0.upsamplers.0.conv.weight"]
+    params = dict(model.named_parameters())
+    for group in groups:  # a group's writers all write the same channels
+        assert len({params[name].shape[0] for name in group}) == 1
+    kinds = [kind for kind, _ in stream_steps(model)]
+    assert kinds.count("skip") == kinds.count("concat") == 4  # every saved stream is read once
+    assert kinds[0] == "conv_in" and kinds[-1] == "head"
+    # the LDM-4 layout too; a layout the walk does not know is an error
+    assert len(stream_groups(build_unet("small"))) == 22
+    cross = build_unet("tiny", down_block_types=("DownBlock2D", "SkipDownBlock2D"))
+    with pytest.raises(ValueError, match="no residual-stream walk"):
+        stream_groups(cross)

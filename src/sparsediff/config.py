@@ -181,12 +181,17 @@ class SparseConfig:
     prune_schedule: str = "cosine"  # constant | cosine | linear
     stop_fraction: float = 0.75
     granularity: str = "unstructured"  # unstructured | n:m (e.g. 2:4) | channel
+    # channel: the layers writing each segment of a UNet's residual stream share their channels,
+    # so a condensed model loses stream channels too (docs/speedups.md)
+    tie_stream: bool = False
     exclude: list[str] = field(default_factory=list)  # glob patterns kept dense
     include: list[str] = field(default_factory=list)  # extra glob patterns made sparse
 
     def engine_settings(self) -> dict[str, Any]:
         """The settings the engine takes by these names (all but the parameter patterns)."""
-        return {k: v for k, v in vars(self).items() if k not in ("exclude", "include")}
+        return {
+            k: v for k, v in vars(self).items() if k not in ("exclude", "include", "tie_stream")
+        }
 
 
 @dataclass
@@ -492,6 +497,11 @@ def validate(cfg: RunConfig) -> None:
     for section in ("data", "model", "autoencoder", "diffusion", "train", "sample", "eval"):
         getattr(cfg, section).check(section)
     check_settings(**cfg.sparse.engine_settings(), prefix="sparse.")
+    if cfg.sparse.tie_stream and cfg.sparse.granularity != "channel":
+        raise ValueError(
+            "sparse.tie_stream = true ties channels: it needs sparse.granularity = 'channel', "
+            f"got {cfg.sparse.granularity!r}"
+        )
     if cfg.sparse.method == "dense" and cfg.sparse.sparsity != 0:
         raise ValueError(
             f"sparse.sparsity = {cfg.sparse.sparsity} with sparse.method = 'dense': a dense run "

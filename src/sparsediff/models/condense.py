@@ -6,10 +6,8 @@ A dead row does not output zero: it outputs its **bias**, a constant. Everything
 that constant's effect, so the condensed network computes the same function (up to float
 rounding; ``docs/speedups.md`` has the derivations):
 
-* :class:`RowSparse` — any Linear/Conv computes only its live rows; dead rows get their bias.
-  This is all that can be done for channels of the residual stream (conv_in, every block's
-  output conv, shortcut, down/upsamplers, attention output): a stream channel has many writers
-  with independent masks and feeds GroupNorms, so it is never removed.
+* :class:`RowSparse` — any other Linear/Conv computes only its live rows; dead rows get their
+  bias.
 * :class:`CondensedResnet` — a diffusers ``ResnetBlock2D``'s internal channels (conv1 → +time
   → norm2 → SiLU → conv2) are private to the block. A dead conv1 channel is removed from conv1,
   the time projection, norm2 and conv2's inputs, but it still holds a per-sample constant
@@ -23,11 +21,16 @@ rounding; ``docs/speedups.md`` has the derivations):
   channel is a constant whose attention average is itself: it is folded into the output
   projection's bias. Heads keep equal widths (the largest per-head count; extra kept channels
   are exact too) and the softmax scale stays the original ``1/sqrt(head_dim)``.
+* The residual stream of a diffusers ``UNet2DModel`` (:func:`_stream`): a stream channel that is
+  dead in every layer writing its segment (train with ``models.unet.stream_groups`` tied) holds
+  a constant made of biases only. It is followed through the network, and every module that
+  reads the stream (:class:`NarrowNorm` for its GroupNorms, the resnets, attentions,
+  :class:`NarrowResample`, :class:`NarrowHead`) gets only the live channels plus the constants'
+  values, so the stream itself is narrower.
 
 ``torch-pruning``'s dependency graph is not used: its channel removal deletes a channel, which
 is only exact for channels that are exactly zero and outside every GroupNorm group, which does
-not hold for dead channels with a bias. The couplings that matter here are local to a block, and
-the stream channels that couple blocks are never removed.
+not hold for dead channels with a bias.
 
 The save format is ``condensed.json`` (the plan: kept rows per rewritten module) and
 ``condensed.safetensors`` (the condensed state dict); :func:`load_condensed` rebuilds the
@@ -49,7 +52,7 @@ from torch import nn
 from sparsediff.io import read_json, write_json
 from sparsediff.weights import load_weights, save_weights
 
-FORMAT = "sparsediff.condensed/1"
+FORMAT = "sparsediff.condensed/2"
 PLAN_FILE = "condensed.json"
 WEIGHTS_FILE = "condensed.safetensors"
 
@@ -189,12 +192,95 @@ def _constant_through_conv(
     return (per_tap.view(-1, kh * kw) @ inside).view(u.shape[0], o, *out)
 
 
-class CondensedResnet(nn.Module):
+def _conv_fold(conv: nn.Module, rows: Sequence[int], dead: Sequence[int]) -> torch.Tensor:
+    """``conv``'s kernels from the ``dead`` inputs to ``rows``, as ``(dead, rows * kh * kw)``
+    for :func:`_constant_through_conv`."""
+    fold = conv.weight.detach()[_index(rows)][:, _index(dead)]
+    return fold.transpose(0, 1).reshape(len(dead), fold[:, :1].numel()).clone()
+
+
+def _positions(rows: Sequence[int], within: Sequence[int]) -> list[int]:
+    """Where each of ``rows`` sits in ``within`` (rows must all be in it)."""
+    where = {channel: i for i, channel in enumerate(within)}
+    return [where[row] for row in rows]
+
+
+class NarrowNorm(nn.Module):
+    """A GroupNorm over a tensor that holds only its ``live`` channels; every other channel is
+    constant over positions (one value per sample) and is passed as that value.
+
+    Exact because all channels have the same position count: the group statistics come from
+    per-channel ones, ``mean_g = mean_c(m_c)``, ``var_g = mean_c(var_c + (m_c - mean_g)^2)``,
+    with ``m = value``, ``var = 0`` for a constant channel.
+    """
+
+    def __init__(self, norm: nn.GroupNorm, live: Sequence[int]) -> None:
+        super().__init__()
+        width = norm.num_channels
+        order = list(live) + _complement(live, width)  # kept-first position -> channel
+        self.groups, self.eps, self.live = norm.num_groups, norm.eps, len(live)
+        ones = torch.ones(width, device=norm.weight.device if norm.affine else None)
+        gamma = norm.weight.detach() if norm.affine else ones
+        beta = norm.bias.detach() if norm.affine else ones * 0
+        self.gamma = nn.Parameter(gamma[_index(order)].clone())
+        self.beta = nn.Parameter(beta[_index(order)].clone())
+        # channel -> kept-first position, and kept-first position -> norm group
+        self.register_buffer("position", _index(order).argsort(), persistent=False)
+        self.register_buffer("group", _index(order) // (width // self.groups), persistent=False)
+
+    def forward(self, h: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h`` ``(B, live, *positions)``; ``values`` ``(B, width)``: a per-sample shift of
+        each live channel (added before normalising), then the constant channels' values.
+        Returns the live channels normalised and the constant channels' normalised values.
+        In float32 at least, two-pass (``torch.var_mean`` is ~10x slower here on CPU)."""
+        batch, live, dims = h.shape[0], h.shape[1], tuple(range(2, h.dim()))
+        high = torch.promote_types(h.dtype, torch.float32)
+        mean_h = h.mean(dim=dims, keepdim=True, dtype=high)
+        var = (h - mean_h).square().mean(dim=dims)
+        mean = F.pad(mean_h.flatten(1), (0, values.shape[1] - live)) + values
+        var = F.pad(var, (0, values.shape[1] - live))  # kept-first order
+        grouped = (batch, self.groups, -1)
+        mean_g, var_g = mean[:, self.position].view(grouped), var[:, self.position].view(grouped)
+        group_mean = mean_g.mean(dim=2)
+        group_var = (var_g + (mean_g - group_mean[:, :, None]).square()).mean(dim=2)
+        scale = (group_var + self.eps).rsqrt()[:, self.group] * self.gamma
+        # (h + shift - group mean) * scale + beta, the live shift folded into one addcmul
+        shift = self.beta + (values - group_mean[:, self.group]) * scale
+        shift, scale = shift.to(h.dtype), scale.to(h.dtype)
+        view = (batch, live) + (1,) * len(dims)
+        normed = torch.addcmul(shift[:, :live].reshape(view), h, scale[:, :live].reshape(view))
+        return normed, shift[:, live:]
+
+
+class _NarrowInput(nn.Module):
+    """Holds what a module that reads a narrowed stream needs: the input's constant channels
+    (``dead``, their fixed values ``const``: they come from biases only)."""
+
+    def _narrow_input(
+        self, layer: nn.Module, inputs: Sequence[int] | None, const: Any
+    ) -> list[int]:
+        """Record the inputs of ``layer`` (the first that reads the stream); the dead ones."""
+        width = layer.weight.shape[1]
+        inputs = list(range(width)) if inputs is None else list(inputs)
+        dead = _complement(inputs, width)
+        self.inputs, self.dead_in = inputs, dead
+        values = layer.weight.new_zeros(len(dead)) if const is None else const.detach().clone()
+        self.register_buffer("in_const", values)  # persistent: saved with the weights
+        return dead
+
+    def _norm_values(self, x: torch.Tensor) -> torch.Tensor:
+        """``NarrowNorm`` values for a stream input: no shift, then the constants."""
+        const = self.in_const.to(x.dtype).expand(x.shape[0], -1)
+        return torch.cat([x.new_zeros(x.shape[0], x.shape[1]), const], 1)
+
+
+class CondensedResnet(_NarrowInput):
     """A diffusers ``ResnetBlock2D`` without its dead internal channels, same outputs.
 
     ``live1``: the kept conv1 channels (with their time shift, norm2 and conv2's inputs);
-    ``live2`` / ``live_sc``: the live rows of conv2 and of the shortcut conv (the block's output
-    lies in the residual stream, so their dead rows are constants added at full width).
+    ``live2`` / ``live_sc``: the live rows of conv2 and of the shortcut conv. The block reads
+    the stream's ``inputs`` channels (the others are constants ``in_const``) and writes its
+    ``outputs`` channels (the others are constants the next block knows); None: all.
     Internally the conv1 channels are ordered live first, then dead.
     """
 
@@ -204,78 +290,57 @@ class CondensedResnet(nn.Module):
         live1: Sequence[int],
         live2: Sequence[int],
         live_sc: Sequence[int] | None,
+        inputs: Sequence[int] | None = None,
+        outputs: Sequence[int] | None = None,
+        in_const: Any = None,
     ) -> None:
         super().__init__()
-        norm, width = block.norm2, block.conv1.out_channels
+        width = block.conv1.out_channels
+        dead_in = self._narrow_input(block.conv1, inputs, in_const)
+        outputs = list(range(block.conv2.out_channels)) if outputs is None else list(outputs)
         dead1 = _complement(live1, width)
         order = list(live1) + dead1  # kept-first position -> channel
-        self.norm1, self.act = block.norm1, block.nonlinearity
+        self.act = block.nonlinearity
+        self.norm1 = NarrowNorm(block.norm1, self.inputs) if dead_in else block.norm1
         self.skip_time_act = block.skip_time_act
         self.output_scale_factor = block.output_scale_factor
-        self.groups, self.eps = norm.num_groups, norm.eps
-        self.conv1 = _sliced(block.conv1, live1)
+        self.conv1 = _sliced(block.conv1, live1, self.inputs)
+        self.fold1 = nn.Parameter(_conv_fold(block.conv1, live1, dead_in))
         # One projection for the live channels' time shift and the dead channels' values: a
         # dead conv1 channel is its bias plus its time shift, constant over pixels.
         self.time = _sliced(block.time_emb_proj, order)
         with torch.no_grad():
             self.time.bias[len(live1) :] += _bias(block.conv1)[_index(dead1)]
-        ones = block.conv1.weight.new_ones(width)
-        gamma = norm.weight.detach() if norm.weight is not None else ones
-        beta = norm.bias.detach() if norm.bias is not None else ones * 0
-        self.gamma = nn.Parameter(gamma[_index(order)].clone())
-        self.beta = nn.Parameter(beta[_index(order)].clone())
+        self.norm2 = NarrowNorm(block.norm2, live1)
         self.conv2 = _sliced(block.conv2, live2, live1, bias=False)
-        # conv2's kernels over the dead inputs as (dead, out * kh * kw), for one matmul
-        fold = block.conv2.weight.detach()[_index(live2)][:, _index(dead1)]
-        taps = block.conv2.kernel_size[0] * block.conv2.kernel_size[1]
-        fold = fold.transpose(0, 1).reshape(len(dead1), len(live2) * taps)
-        self.fold = nn.Parameter(fold.clone())
-        # conv2's and the shortcut's biases, added at full width (a dead row outputs only these)
+        self.fold = nn.Parameter(_conv_fold(block.conv2, live2, dead1))
+        # conv2's and the shortcut's biases on the output channels (a dead row outputs these)
         constant = _bias(block.conv2).clone()
         self.shortcut = None
         if block.conv_shortcut is not None:
-            self.shortcut = _sliced(block.conv_shortcut, live_sc, bias=False)
+            self.shortcut = _sliced(block.conv_shortcut, live_sc, self.inputs, bias=False)
+            self.fold_sc = nn.Parameter(_conv_fold(block.conv_shortcut, live_sc, dead_in))
             constant += _bias(block.conv_shortcut)
-        self.constant = nn.Parameter(constant)
-        self.register_buffer("live2", _index(live2), persistent=False)
-        self.register_buffer("live_sc", _index(live_sc or []), persistent=False)
-        # channel -> kept-first position, and kept-first position -> norm group
-        self.register_buffer("position", _index(order).argsort(), persistent=False)
-        self.register_buffer("group", _index(order) // (width // self.groups), persistent=False)
-
-    def _norm2(self, h: torch.Tensor, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact norm2 over live channels ``h`` (before their time shift) and dead constants.
-
-        ``time`` holds the live channels' time shifts, then the dead channels' values
-        (kept-first order). Returns the live channels normalised and the dead channels'
-        normalised constants. Group statistics come from per-channel ones (all channels have
-        the same pixel count): the mean of the channel means, and the mean of (channel variance
-        + squared distance of the channel mean to the group mean); a dead channel has mean =
-        its value and variance 0, and the time shift moves a live channel's mean only. In
-        float32 at least, two-pass (``torch.var_mean`` is ~10x slower here on CPU).
-        """
-        batch, live = h.shape[0], h.shape[1]
-        high = torch.promote_types(h.dtype, torch.float32)
-        mean_h = h.mean(dim=(2, 3), keepdim=True, dtype=high)
-        var = (h - mean_h).square().mean(dim=(2, 3))
-        mean = torch.cat([mean_h[:, :, 0, 0], torch.zeros_like(time[:, live:])], 1) + time
-        var = F.pad(var, (0, time.shape[1] - live))  # kept-first order
-        grouped = (batch, self.groups, -1)
-        mean_g, var_g = mean[:, self.position].view(grouped), var[:, self.position].view(grouped)
-        group_mean = mean_g.mean(dim=2)
-        group_var = (var_g + (mean_g - group_mean[:, :, None]).square()).mean(dim=2)
-        scale = (group_var + self.eps).rsqrt()[:, self.group] * self.gamma
-        # (h + time - group mean) * scale + beta, with the time shift folded into the shift
-        shift = self.beta + (time - group_mean[:, self.group]) * scale
-        shift, scale = shift.to(h.dtype), scale.to(h.dtype)
-        normed = torch.addcmul(shift[:, :live, None, None], h, scale[:, :live, None, None])
-        return normed, shift[:, live:]
+        elif self.inputs != outputs:
+            raise ValueError("an identity shortcut reads and writes the same stream channels")
+        self.constant = nn.Parameter(constant[_index(outputs)].clone())
+        self.register_buffer("live2", _index(_positions(live2, outputs)), persistent=False)
+        self.register_buffer(
+            "live_sc", _index(_positions(live_sc or [], outputs)), persistent=False
+        )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """``(shortcut(x) + conv2(SiLU(norm2(conv1(SiLU(norm1(x))) + time))))/scale``."""
-        h = self.conv1(self.act(self.norm1(x)))
+        if self.dead_in:
+            h, u = self.norm1(x, self._norm_values(x))
+            h = self.conv1(self.act(h))
+            h = h + _constant_through_conv(
+                self.act(u), self.fold1, self.conv1, x.shape[2:], h.shape[2:]
+            )
+        else:
+            h = self.conv1(self.act(self.norm1(x)))
         time = self.time(temb if self.skip_time_act else self.act(temb))
-        h, u = self._norm2(h, time)
+        h, u = self.norm2(h, time)
         y = self.conv2(self.act(h))
         if u.shape[1]:
             y = y + _constant_through_conv(
@@ -284,41 +349,58 @@ class CondensedResnet(nn.Module):
         if self.shortcut is None:
             out = x + self.constant.to(y.dtype)[None, :, None, None]
         else:
-            out = _rows_plus(self.shortcut(x), 1, self.live_sc, self.constant)
+            short = self.shortcut(x)
+            if self.dead_in:  # the constant inputs, through the shortcut conv
+                const = self.in_const.to(x.dtype)[None]
+                short = short + _constant_through_conv(
+                    const, self.fold_sc, self.shortcut, x.shape[2:], short.shape[2:]
+                )
+            out = _rows_plus(short, 1, self.live_sc, self.constant)
         out = _add_rows(out, 1, self.live2, y)
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
-class CondensedAttention(nn.Module):
+class CondensedAttention(_NarrowInput):
     """A diffusers self-``Attention`` (``AttnProcessor2_0``) without dead key/value channels.
 
     ``qk``: kept query/key channels (head-major, equal count per head), ``v``: kept value
-    channels, ``out``: live rows of the output projection.
+    channels, ``out``: live rows of the output projection. It reads and writes the stream's
+    ``inputs`` channels (residual connection); the others are constants ``in_const``.
     """
 
     def __init__(
-        self, attn: nn.Module, qk: Sequence[int], v: Sequence[int], out: Sequence[int]
+        self,
+        attn: nn.Module,
+        qk: Sequence[int],
+        v: Sequence[int],
+        out: Sequence[int],
+        inputs: Sequence[int] | None = None,
+        in_const: Any = None,
     ) -> None:
         super().__init__()
         proj = attn.to_out[0]
+        dead_in = self._narrow_input(attn.to_q, inputs, in_const)
         self.heads = attn.heads
         self.scale = (attn.to_k.out_features // attn.heads) ** -0.5  # SDPA's default, kept
         self.group_norm = attn.group_norm
+        if dead_in and attn.group_norm is not None:
+            self.group_norm = NarrowNorm(attn.group_norm, self.inputs)
         self.residual_connection = attn.residual_connection
         self.rescale_output_factor = attn.rescale_output_factor
-        self.to_q, self.to_k = _sliced(attn.to_q, qk), _sliced(attn.to_k, qk)
-        self.to_v = _sliced(attn.to_v, v)
+        self.to_q = _sliced(attn.to_q, qk, self.inputs)
+        self.to_k = _sliced(attn.to_k, qk, self.inputs)
+        self.to_v = _sliced(attn.to_v, v, self.inputs)
+        # the constant input channels' weights, (rows, dead) per projection
+        self.fold_q, self.fold_k, self.fold_v = (
+            nn.Parameter(layer.weight.detach()[_index(rows)][:, _index(dead_in)].clone())
+            for layer, rows in ((attn.to_q, qk), (attn.to_k, qk), (attn.to_v, v))
+        )
         dead_v = _index(_complement(v, attn.to_v.out_features))
         # A dead value channel averages to its bias: its share of the output is a constant.
-        folded = copy.deepcopy(proj)
-        with torch.no_grad():
-            folded.weight = nn.Parameter(proj.weight.detach()[:, _index(v)].clone())
-            folded.in_features = len(v)
-            folded.bias = nn.Parameter(
-                _bias(proj) + proj.weight.detach()[:, dead_v] @ _bias(attn.to_v)[dead_v]
-            )
-        full = len(out) == proj.out_features
-        self.to_out = folded if full else RowSparse(folded, out)
+        self.to_out = _sliced(proj, out, v, bias=False)
+        bias = _bias(proj) + proj.weight.detach()[:, dead_v] @ _bias(attn.to_v)[dead_v]
+        self.out_bias = nn.Parameter(bias[_index(self.inputs)].clone())
+        self.register_buffer("out_rows", _index(_positions(out, self.inputs)), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Self-attention with the residual connection, as ``AttnProcessor2_0``."""
@@ -329,23 +411,92 @@ class CondensedAttention(nn.Module):
         residual, ndim = hidden_states, hidden_states.dim()
         if ndim == 4:
             batch, channels, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+            hidden_states = hidden_states.view(batch, channels, height * width)
+        else:
+            hidden_states = hidden_states.transpose(1, 2)
         batch = hidden_states.shape[0]
-        if self.group_norm is not None:
-            hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        u = self.in_const.to(hidden_states.dtype).expand(batch, -1)
+        if isinstance(self.group_norm, NarrowNorm):
+            hidden_states, u = self.group_norm(hidden_states, self._norm_values(hidden_states))
+        elif self.group_norm is not None:
+            hidden_states = self.group_norm(hidden_states)
+        hidden_states = hidden_states.transpose(1, 2)
 
-        def split(t: torch.Tensor) -> torch.Tensor:
+        def project(layer: nn.Linear, fold: torch.Tensor) -> torch.Tensor:
+            t = layer(hidden_states)
+            if self.dead_in:  # constant over tokens: a per-sample bias
+                t = t + (u @ fold.T.to(u.dtype))[:, None, :]
             return t.view(batch, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
 
-        q, k = split(self.to_q(hidden_states)), split(self.to_k(hidden_states))
-        v = split(self.to_v(hidden_states))
+        q, k = project(self.to_q, self.fold_q), project(self.to_k, self.fold_k)
+        v = project(self.to_v, self.fold_v)
         o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        o = self.to_out(o.transpose(1, 2).reshape(batch, -1, self.heads * v.shape[-1]))
+        o = o.transpose(1, 2).reshape(batch, -1, self.heads * v.shape[-1])
+        o = _rows_plus(self.to_out(o), -1, self.out_rows, self.out_bias)
         if ndim == 4:
-            o = o.transpose(-1, -2).reshape(batch, channels, height, width)
+            o = o.transpose(-1, -2).reshape(batch, -1, height, width)
         if self.residual_connection:
             o = o + residual
         return o / self.rescale_output_factor
+
+
+class NarrowResample(_NarrowInput):
+    """A diffusers ``Downsample2D``/``Upsample2D`` (a convolution, after a nearest 2x
+    upsampling for ``Upsample2D``) that reads the stream's ``inputs`` channels (others:
+    constants ``in_const``) and writes only its ``outputs`` rows."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        inputs: Sequence[int] | None,
+        outputs: Sequence[int],
+        in_const: Any = None,
+    ) -> None:
+        super().__init__()
+        dead_in = self._narrow_input(module.conv, inputs, in_const)
+        self.up = bool(getattr(module, "interpolate", False))
+        self.conv = _sliced(module.conv, outputs, self.inputs)
+        self.fold = nn.Parameter(_conv_fold(module.conv, outputs, dead_in))
+
+    def forward(self, x: torch.Tensor, output_size: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """The resampled stream (its live channels)."""
+        if self.up:
+            size = {"scale_factor": 2.0} if output_size is None else {"size": output_size}
+            x = F.interpolate(x.contiguous(), mode="nearest", **size)
+        y = self.conv(x)
+        if self.dead_in:
+            const = self.in_const.to(x.dtype)[None]
+            y = y + _constant_through_conv(const, self.fold, self.conv, x.shape[2:], y.shape[2:])
+        return y
+
+
+class NarrowHead(_NarrowInput):
+    """``conv_out(act(conv_norm_out(x)))`` of a UNet whose last stream holds only its
+    ``inputs`` channels (others: constants ``in_const``); the model's ``conv_act`` and
+    ``conv_out`` become identities."""
+
+    def __init__(
+        self,
+        norm: nn.GroupNorm,
+        act: nn.Module,
+        conv: nn.Conv2d,
+        inputs: Sequence[int],
+        in_const: Any = None,
+    ) -> None:
+        super().__init__()
+        dead_in = self._narrow_input(conv, inputs, in_const)
+        self.norm, self.act = NarrowNorm(norm, self.inputs), act
+        rows = range(conv.out_channels)
+        self.conv = _sliced(conv, rows, self.inputs)
+        self.fold = nn.Parameter(_conv_fold(conv, rows, dead_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output at full width."""
+        h, u = self.norm(x, self._norm_values(x))
+        y = self.conv(self.act(h))
+        return y + _constant_through_conv(
+            self.act(u), self.fold, self.conv, x.shape[2:], y.shape[2:]
+        )
 
 
 # ---------------------------------------------------------------------- which blocks
@@ -387,17 +538,98 @@ def _kinds() -> tuple[type, type]:
     return ResnetBlock2D, Attention
 
 
+def _alive(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().reshape(weight.shape[0], -1).ne(0).any(dim=1)
+
+
+def _stream(model: nn.Module) -> dict[str, tuple[Any, Any, Any]]:
+    """For a diffusers ``UNet2DModel`` whose residual stream has dead channels: per module
+    that reads or writes it, ``(inputs, in_const, outputs)``.
+
+    A stream channel is dead when its row is dead in every layer that writes its segment
+    (``models.unet.stream_groups``; training with those groups tied makes that happen). A
+    dead stream channel holds a constant that depends on biases only (each writer outputs its
+    bias there, an identity shortcut or a residual connection adds what was there, an
+    up-block concatenates saved streams), so it is followed through the network and every
+    reader gets its input's live channels and the dead ones' values. ``inputs``/``outputs``
+    are boolean masks of live channels (None where the module has none of that side);
+    ``in_const`` the full-width values (0 at live channels). Empty when nothing is dead or
+    the model is not a UNet the walk knows.
+    """
+    from sparsediff.models.unet import stream_groups, stream_steps
+
+    try:
+        steps, groups = stream_steps(model), stream_groups(model)
+    except (AttributeError, ValueError):
+        return {}
+    live = []
+    for group in groups:
+        masks = [_alive(model.get_parameter(name)) for name in group]
+        live.append(functools.reduce(torch.logical_or, masks))
+    if all(bool(mask.all()) for mask in live):
+        return {}
+    segment, found, skips = -1, {}, []
+    cur = const = None
+    for kind, name in steps:
+        module = model.get_submodule(name) if name else None
+        if kind == "skip":
+            skips.append((cur, const))
+            continue
+        if kind == "concat":
+            saved, saved_const = skips.pop()
+            cur, const = torch.cat([cur, saved]), torch.cat([const, saved_const])
+            continue
+        inputs, in_const = cur, const
+        if (
+            kind == "resnet"
+            and _resnet_issue(module)
+            or kind == "attention"
+            and (_attention_issue(module) or not module.residual_connection)
+        ):
+            return {}  # a block the rewrites do not cover: the stream stays whole
+        if kind == "conv_in":
+            segment += 1
+            cur, const = live[segment], _bias(module)
+        elif kind == "resnet":
+            if module.conv_shortcut is None:  # same segment: add to what is there
+                const = (const + _bias(module.conv2)) / module.output_scale_factor
+            else:
+                segment += 1
+                cur = live[segment]
+                const = _bias(module.conv_shortcut) + _bias(module.conv2)
+                const = const / module.output_scale_factor
+        elif kind == "attention":
+            const = (const + _bias(module.to_out[0])) / module.rescale_output_factor
+        elif kind == "resample":
+            segment += 1
+            cur, const = live[segment], _bias(module.conv)
+        const = const.masked_fill(cur, 0) if cur is not None else None
+        found[name] = (inputs, in_const, None if kind == "head" else cur)
+    return found
+
+
+def _rows_of(mask: Any) -> list[int] | None:
+    return None if mask is None else mask.nonzero().flatten().tolist()
+
+
 def plan_condense(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Which modules to rewrite and which rows they keep, read from the weights' zero rows.
 
-    Entries (JSON-ready): ``{"kind": "resnet", "conv1", "conv2", "shortcut"}``,
-    ``{"kind": "attention", "qk", "v", "out"}`` and ``{"kind": "rows", "rows"}``, with lists
-    of kept row indices. Modules without a dead row are left out.
+    Entries (JSON-ready): ``{"kind": "resnet", "conv1", "conv2", "shortcut", "inputs",
+    "outputs"}``, ``{"kind": "attention", "qk", "v", "out", "inputs"}``, ``{"kind": "rows",
+    "rows"}``, and where a UNet's residual stream has dead channels (:func:`_stream`)
+    ``{"kind": "slice", "rows"}`` (conv_in), ``{"kind": "resample", "inputs", "outputs"}`` and
+    ``{"kind": "head", "inputs"}`` (conv_norm_out, conv_act, conv_out), with lists of kept row
+    or channel indices (``inputs``/``outputs`` None: all). Modules without a dead row, on a
+    stream without dead channels, are left out.
     """
     resnet_cls, attention_cls = _kinds()
+    stream = _stream(model)
     plan: dict[str, dict[str, Any]] = {}
     inside: list[str] = []  # blocks rewritten as a whole own their layers
     for name, module in model.named_modules():
+        inputs, _, outputs = stream.get(name, (None, None, None))
+        narrow = name in stream and not all(m is None or bool(m.all()) for m in (inputs, outputs))
         if isinstance(module, resnet_cls) and _resnet_issue(module) is None:
             sc = module.conv_shortcut
             entry = {
@@ -405,6 +637,8 @@ def plan_condense(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "conv1": live_rows(module.conv1.weight),
                 "conv2": live_rows(module.conv2.weight),
                 "shortcut": None if sc is None else live_rows(sc.weight),
+                "inputs": _rows_of(inputs),
+                "outputs": _rows_of(outputs),
             }
             sizes = [module.conv1.out_channels, module.conv2.out_channels]
             sizes += [] if sc is None else [sc.out_channels]
@@ -414,18 +648,29 @@ def plan_condense(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "qk": _head_rows(module.to_k.weight, module.heads),
                 "v": _head_rows(module.to_v.weight, module.heads),
                 "out": live_rows(module.to_out[0].weight),
+                "inputs": _rows_of(inputs),
             }
             sizes = [module.to_k.out_features] * 2 + [module.to_out[0].out_features]
+        elif narrow and name == "conv_in":
+            entry, sizes = {"kind": "slice", "rows": _rows_of(outputs)}, []
+        elif narrow and name == "conv_norm_out":
+            entry, sizes = {"kind": "head", "inputs": _rows_of(inputs)}, []
+            inside.append("conv_out.")
+        elif narrow and name in stream:
+            entry = {"kind": "resample", "inputs": _rows_of(inputs), "outputs": _rows_of(outputs)}
+            sizes = []
         else:
             if isinstance(module, _READS_WEIGHTS):
                 inside.append(name + ".")
             continue
-        kept = [entry[k] for k in entry if k != "kind" and entry[k] is not None]
-        if any(len(rows) < size for rows, size in zip(kept, sizes)):
+        if not narrow:  # reads and writes all of its stream's channels
+            entry.update(dict.fromkeys(("inputs", "outputs") & entry.keys()))
+        kept = [entry[k] for k in ("conv1", "conv2", "shortcut", "qk", "v", "out") if entry.get(k)]
+        if narrow or any(len(rows) < size for rows, size in zip(kept, sizes)):
             plan[name] = entry
             inside.append(name + ".")
     for name, module in model.named_modules():
-        if not name or name.startswith(tuple(inside)):
+        if not name or name in plan or name.startswith(tuple(inside)) or name + "." in inside:
             continue
         if isinstance(module, _ROW_LAYERS) and getattr(module, "groups", 1) == 1:
             rows = live_rows(module.weight)
@@ -434,21 +679,45 @@ def plan_condense(model: nn.Module) -> dict[str, dict[str, Any]]:
     return plan
 
 
-def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
+def apply_plan(
+    model: nn.Module,
+    plan: dict[str, dict[str, Any]],
+    constants: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """Rewrite ``model`` in place by ``plan`` (from :func:`plan_condense`); returns it.
 
-    The condensed modules are built from ``model``'s current weights; on a plain, freshly
-    built model this gives the right shapes for :func:`load_condensed` to load into.
+    The condensed modules are built from ``model``'s current weights; ``constants`` are the
+    values of the dead stream channels each module reads (full width, from :func:`_stream`;
+    None: zeros). On a plain, freshly built model this gives the right shapes for
+    :func:`load_condensed` to load into (the values are saved with the weights).
     """
     for name, entry in plan.items():
         module = model.get_submodule(name)
-        kind = entry["kind"]
+        kind, inputs = entry["kind"], entry.get("inputs")
+        const = None
+        if constants is not None and inputs is not None:
+            const = constants[name][_index(_complement(inputs, constants[name].numel()))]
         if kind == "resnet":
-            new = CondensedResnet(module, entry["conv1"], entry["conv2"], entry["shortcut"])
+            new = CondensedResnet(
+                module,
+                entry["conv1"],
+                entry["conv2"],
+                entry["shortcut"],
+                inputs,
+                entry.get("outputs"),
+                const,
+            )
         elif kind == "attention":
-            new = CondensedAttention(module, entry["qk"], entry["v"], entry["out"])
+            new = CondensedAttention(module, entry["qk"], entry["v"], entry["out"], inputs, const)
         elif kind == "rows":
             new = RowSparse(module, entry["rows"])
+        elif kind == "slice":
+            new = _sliced(module, entry["rows"])
+        elif kind == "resample":
+            new = NarrowResample(module, inputs, entry["outputs"], const)
+        elif kind == "head":
+            new = NarrowHead(module, model.conv_act, model.conv_out, inputs, const)
+            model.conv_act, model.conv_out = nn.Identity(), nn.Identity()
         else:
             raise ValueError(f"unknown condensed module kind {kind!r} for {name!r}")
         model.set_submodule(name, new.to(next(module.parameters()).device))
@@ -462,7 +731,8 @@ def condense(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
     ``model`` is left unchanged. The copy is for inference: put it in ``eval()`` mode.
     """
     plan = plan_condense(model)
-    return apply_plan(copy.deepcopy(model), plan), plan
+    constants = {name: spec[1] for name, spec in _stream(model).items() if spec[1] is not None}
+    return apply_plan(copy.deepcopy(model), plan, constants), plan
 
 
 # ---------------------------------------------------------------------- files
@@ -482,6 +752,8 @@ def read_condensed_info(directory: str | Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     info = read_json(path)
+    if str(info.get("format", "")).startswith("sparsediff.condensed/") and info["format"] != FORMAT:
+        raise ValueError(f"{path}: {info['format']} is an older layout; condense the run again")
     if info.get("format") != FORMAT:
         raise ValueError(f"{path}: not a condensed model ({FORMAT})")
     return info

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffusers import UNet2DModel
+from torch import nn
 
 # LDM-4 layout: four levels, attention at all but the first.
 _LDM = {
@@ -96,3 +97,93 @@ def build_unet(preset: str = "ldm4", channels: Sequence[int] = (), **overrides: 
     under ``with torch.device("meta"):`` to count parameters without allocating memory.
     """
     return UNet2DModel(**unet_config(preset, channels, **overrides))
+
+
+# ---------------------------------------------------------------------- the residual stream
+# UNet2DModel blocks whose stream this walk knows: resnets, optional attentions, conv resamplers.
+_STREAM_BLOCKS = {
+    "DownBlock2D",
+    "AttnDownBlock2D",
+    "UNetMidBlock2D",
+    "AttnUpBlock2D",
+    "UpBlock2D",
+}
+
+
+def stream_steps(unet: UNet2DModel) -> list[tuple[str, str]]:
+    """The residual stream of ``unet`` in forward order, as ``(kind, module name)`` steps.
+
+    Kinds: ``conv_in``; ``resnet``, ``attention`` and ``resample`` (a module that reads the
+    stream and writes it); ``skip`` (the stream is saved for an up block); ``concat`` (the
+    stream is concatenated with the last saved one, ahead of an up-block resnet); ``head``
+    (``conv_norm_out`` → ``conv_act`` → ``conv_out``). Raises ValueError for a layout the walk
+    does not know (cross-attention blocks, resnet resamplers, skip blocks, class embeddings).
+    """
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    unknown = sorted({type(b).__name__ for b in blocks} - _STREAM_BLOCKS)
+    if unknown or unet.class_embedding is not None:
+        raise ValueError(f"no residual-stream walk for UNet blocks {unknown or 'with classes'}")
+    for block in blocks:
+        for resampler in [
+            *(getattr(block, "downsamplers", None) or []),
+            *(getattr(block, "upsamplers", None) or []),
+        ]:
+            conv = getattr(resampler, "conv", None)
+            if not isinstance(conv, nn.Conv2d) or getattr(resampler, "use_conv_transpose", 0):
+                raise ValueError(f"no residual-stream walk for {type(resampler).__name__}")
+            if getattr(resampler, "padding", 1) == 0 or getattr(resampler, "norm", None):
+                raise ValueError("no residual-stream walk for padded or normed resamplers")
+    steps = [("conv_in", "conv_in"), ("skip", "")]
+
+    def layers(prefix: str, block: nn.Module) -> list[list[tuple[str, str]]]:
+        """Per layer of a block: its resnet, then its attention if it has one."""
+        attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+        return [
+            [("resnet", f"{prefix}.resnets.{j}")]
+            + ([("attention", f"{prefix}.attentions.{j}")] if attention is not None else [])
+            for j, attention in enumerate(attentions)
+        ]
+
+    for i, block in enumerate(unet.down_blocks):
+        for layer in layers(f"down_blocks.{i}", block):
+            steps += [*layer, ("skip", "")]
+        if block.downsamplers:
+            steps += [("resample", f"down_blocks.{i}.downsamplers.0"), ("skip", "")]
+    mid = unet.mid_block
+    steps.append(("resnet", "mid_block.resnets.0"))
+    for j, attention in enumerate(mid.attentions):
+        if attention is not None:
+            steps.append(("attention", f"mid_block.attentions.{j}"))
+        steps.append(("resnet", f"mid_block.resnets.{j + 1}"))
+    for i, block in enumerate(unet.up_blocks):
+        for layer in layers(f"up_blocks.{i}", block):
+            steps += [("concat", ""), *layer]
+        if block.upsamplers:
+            steps.append(("resample", f"up_blocks.{i}.upsamplers.0"))
+    steps.append(("head", "conv_norm_out"))
+    return steps
+
+
+def stream_groups(unet: UNet2DModel) -> list[list[str]]:
+    """Weight names of the layers that write each segment of ``unet``'s residual stream.
+
+    A segment starts at ``conv_in``, at a resnet with a shortcut convolution (its output is
+    ``shortcut(x) + conv2(...)``) and at a resampler's convolution; a resnet with an identity
+    shortcut (``conv2``) and an attention block (``to_out.0``) add to the current one. Tying
+    each group's channels (``SparseTraining(..., tied=stream_groups(unet))``) makes a stream
+    channel dead in all its writers at once, which is what lets ``models.condense`` remove it.
+    """
+    groups: list[list[str]] = []
+    for kind, name in stream_steps(unet):
+        module = unet.get_submodule(name) if name else None
+        if kind == "conv_in":
+            groups.append(["conv_in.weight"])
+        elif kind == "resnet" and module.conv_shortcut is None:
+            groups[-1].append(f"{name}.conv2.weight")
+        elif kind == "resnet":
+            groups.append([f"{name}.conv_shortcut.weight", f"{name}.conv2.weight"])
+        elif kind == "attention":
+            groups[-1].append(f"{name}.to_out.0.weight")
+        elif kind == "resample":
+            groups.append([f"{name}.conv.weight"])
+    return groups

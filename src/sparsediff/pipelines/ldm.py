@@ -36,7 +36,7 @@ from sparsediff.models.autoencoder import (
     load_autoencoder,
     reconstruct,
 )
-from sparsediff.models.unet import build_unet
+from sparsediff.models.unet import build_unet, stream_groups
 from sparsediff.pipelines.base import Pipeline, sample_seeds
 from sparsediff.training.distributed import Dist, barrier
 from sparsediff.training.loop import Task, Trainer, seed_stage
@@ -233,7 +233,7 @@ class LatentDiffusion(Pipeline):
         def loss(model: nn.Module, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             return epsilon_mse(_unet_fn(model), z * scale, scheduler, generator=gen)
 
-        return Task(unet, self.latents, loss)
+        return Task(unet, self.latents, loss, stream_groups=stream_groups(unet))
 
     def load(self, device: torch.device) -> None:
         """The frozen first stage and the latent shape and scale of a finished run."""

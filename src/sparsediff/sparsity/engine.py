@@ -202,6 +202,11 @@ class SparseTraining:
         include: glob patterns of extra parameter names to make sparse.
         granularity: ``"unstructured"`` (single weights), ``"channel"`` (whole rows) or
             ``"n:m"`` such as ``"2:4"`` (n of every m consecutive weights of a row).
+        tied: groups of parameter names whose channels are switched on and off together
+            (``channel`` granularity; equal row counts): one mask per group, dropped by the
+            channels' norm over all members and grown by their joint gradient norm. For the
+            layers that write one residual stream (``models.unet.stream_groups``), so that a
+            stream channel is dead in every writer and a condensed network can remove it.
     """
 
     def __init__(
@@ -223,6 +228,7 @@ class SparseTraining:
         exclude: str | Iterable[str] = (),
         include: str | Iterable[str] | None = None,
         granularity: str = "unstructured",
+        tied: Iterable[Iterable[str]] = (),
     ) -> None:
         config = {
             "method": method,
@@ -256,6 +262,7 @@ class SparseTraining:
             )
         names = [name for name, _ in unwrap(model).named_parameters()]
         _resolve_ema(ema, names, params)
+        groups = _check_tied(tied, params, granularity)
 
         self._config = config
         self._method = METHODS[method]
@@ -267,7 +274,9 @@ class SparseTraining:
         self._step = 0
         self._last: dict[str, Any] = _no_update(list(params))
         shapes = {name: tuple(p.shape) for name, p in params.items()}
-        plan = self._method.plan(shapes, self._granularity, sparsity, distribution, erk_power_scale)
+        plan = self._method.plan(
+            shapes, self._granularity, sparsity, distribution, erk_power_scale, groups
+        )
         # Layers the granularity cannot structure (n:m with a row length not a multiple of m);
         # not worth a word for the dense baseline, which structures nothing.
         cannot = [n for n, s in shapes.items() if self._granularity.unit_shape(s) is None]
@@ -278,18 +287,27 @@ class SparseTraining:
                 stacklevel=2,
             )
         self._layers: list[_Layer] = []
+        drawn: dict[str, torch.Tensor] = {}  # a tied group's units, drawn for its first member
+        lead = {name: group[0] for group in groups for name in group}
         for index, (name, param) in enumerate(params.items()):
             units = None if plan[name] is None else self._granularity.unit_shape(param.shape)
             if units is None or plan[name] == math.prod(units):
                 mask = torch.ones(param.shape, dtype=torch.bool)
             else:
-                generator = seeded_generator(seed, 0, index)
-                chosen = self._granularity.random_units(units, plan[name], generator)
-                mask = self._granularity.expand(chosen, param.shape)
+                key = lead.get(name, name)
+                if key not in drawn:
+                    generator = seeded_generator(seed, 0, index)
+                    drawn[key] = self._granularity.random_units(units, plan[name], generator)
+                mask = self._granularity.expand(drawn[key], param.shape)
             mask = mask.to(param.device)
             layer = _Layer(name, index, param, mask, mask, mask.clone(), 0, units)
             self._layers.append(layer)
             self._refresh(layer)
+        by_name = {layer.name: layer for layer in self._layers}
+        self._tied = [list(group) for group in groups]
+        # update units: every tied group, then every other layer alone
+        self._units = [[by_name[name] for name in group] for group in groups]
+        self._units += [[layer] for layer in self._layers if layer.name not in lead]
         self._apply_masks()
         self._masks = types.MappingProxyType({layer.name: layer.mask for layer in self._layers})
         self._handle: Any = optimizer.register_step_post_hook(self._after_step)
@@ -403,46 +421,40 @@ class SparseTraining:
 
         A just-dropped unit may be regrown; it keeps its value and optimizer state. Only the
         net changes are zeroed: dropped weights vanish, new connections start at zero with
-        zero optimizer state.
+        zero optimizer state. A tied group is one layer here: its members' scores per channel
+        are joined by their L2 norm (the norm of the channel's weights over all members).
         """
         start = time.perf_counter()
         method, granularity = self._method, self._granularity
         emas = self._ema_tensors()
-        dropped: dict[str, int] = {}
-        grown: dict[str, int] = {}
-        for layer in self._layers:
-            param = layer.param
-            dropped[layer.name] = grown[layer.name] = 0
-            if layer.units is None:
+        dropped = {layer.name: 0 for layer in self._layers}
+        grown = dict(dropped)
+        for members in self._units:
+            lead = members[0]
+            if lead.units is None:
                 continue
-            units = math.prod(layer.units)
-            active = layer.active * units // param.numel()  # every unit holds as many weights
+            units = math.prod(lead.units)
+            active = lead.active * units // lead.param.numel()  # units hold as many weights
             k = math.floor(fraction * active)  # as in the reference: int(p * active)
             # A dense layer can only regrow what it drops; without a gradient RigL cannot rank.
-            if k == 0 or active == units or (method.needs_dense_grad and param.grad is None):
+            no_grad = any(m.param.grad is None for m in members)
+            if k == 0 or active == units or (method.needs_dense_grad and no_grad):
                 continue
-            scores = LayerScores(
-                param, param.grad, granularity, self._config["seed"], self._step, layer.index
-            )
+            scores = [
+                LayerScores(
+                    m.param, m.param.grad, granularity, self._config["seed"], self._step, m.index
+                )
+                for m in members
+            ]
             chosen = granularity.select(
-                granularity.units(layer.mask),
-                method.drop_score(scores),
-                method.grow_score(scores),
+                granularity.units(lead.mask),
+                _joined([method.drop_score(s) for s in scores]),
+                _joined([method.grow_score(s) for s in scores]),
                 k,
             )
-            new = granularity.expand(chosen, param.shape)
-            lost, gained = layer.mask & ~new, new & ~layer.mask
-            changed = lost | gained
-            layer.mask.copy_(new)
-            layer.fmask.copy_(new)
-            layer.ever |= new
-            param.masked_fill_(changed, 0)
-            for state in self._optimizer_state(layer):
-                state.masked_fill_(changed.to(state.device), 0)
-            if layer.name in emas:  # the live value at every changed entry is zero
-                emas[layer.name].masked_fill_(changed.to(emas[layer.name].device), 0)
-            # every granularity keeps a layer's density: as many grown as dropped, one sync
-            dropped[layer.name] = grown[layer.name] = int(lost.sum())
+            for layer in members:
+                new = granularity.expand(chosen, layer.param.shape)
+                dropped[layer.name] = grown[layer.name] = self._set_mask(layer, new, emas)
         self._forget_state_lists()  # masks in another dtype were copied
         if any(layer.param.is_cuda for layer in self._layers):
             torch.cuda.synchronize()
@@ -453,6 +465,22 @@ class SparseTraining:
             "dropped": dropped,
             "grown": grown,
         }
+
+    def _set_mask(self, layer: _Layer, new: torch.Tensor, emas: Mapping[str, torch.Tensor]) -> int:
+        """Give ``layer`` the mask ``new``; zero the weights, optimizer and EMA entries that
+        changed. Returns the number of weights that left the active set (one sync)."""
+        lost, gained = layer.mask & ~new, new & ~layer.mask
+        changed = lost | gained
+        layer.mask.copy_(new)
+        layer.fmask.copy_(new)
+        layer.ever |= new
+        layer.param.masked_fill_(changed, 0)
+        for state in self._optimizer_state(layer):
+            state.masked_fill_(changed.to(state.device), 0)
+        if layer.name in emas:  # the live value at every changed entry is zero
+            emas[layer.name].masked_fill_(changed.to(emas[layer.name].device), 0)
+        # every granularity keeps a layer's density: as many grown as dropped
+        return int(lost.sum())
 
     # ------------------------------------------------------------------ masking helpers
     def _ema_tensors(self) -> dict[str, torch.Tensor]:
@@ -587,6 +615,7 @@ class SparseTraining:
             "format": _STATE_FORMAT,
             **self._config,
             "step": self._step,
+            "tied": [list(group) for group in self._tied],
             "masks": {layer.name: layer.mask.cpu().clone() for layer in self._layers},
             "ever_active": {layer.name: layer.ever.cpu().clone() for layer in self._layers},
             "last_update": {
@@ -604,6 +633,8 @@ class SparseTraining:
                 raise ValueError(
                     f"state was saved with {key}={state[key]!r}, this is {self._config[key]!r}"
                 )
+        if [list(g) for g in state.get("tied", [])] != self._tied:
+            raise ValueError("state was saved with other tied channel groups than this engine's")
         config = {key: state[key] for key in self._config}
         _validate_config(config)
         masks = state["masks"]
@@ -636,6 +667,36 @@ class SparseTraining:
     def __exit__(self, *exc: object) -> None:
         """Detach the hooks."""
         self.remove()
+
+
+def _joined(scores: list[torch.Tensor]) -> torch.Tensor:
+    """One score per unit of a tied group: the L2 norm over its members' scores."""
+    if len(scores) == 1:
+        return scores[0]
+    return torch.linalg.vector_norm(torch.stack(scores), dim=0)
+
+
+def _check_tied(
+    tied: Iterable[Iterable[str]], params: Mapping[str, nn.Parameter], granularity: str
+) -> list[list[str]]:
+    """``tied`` as lists of names in parameter order, validated; groups of one are dropped."""
+    order = {name: i for i, name in enumerate(params)}
+    groups = [sorted(set(group), key=lambda n: order.get(n, -1)) for group in tied]
+    groups = [group for group in groups if len(group) > 1]
+    if groups and granularity != "channel":
+        raise ValueError(f"tied channels need granularity 'channel', got {granularity!r}")
+    seen: set[str] = set()
+    for group in groups:
+        unknown = [name for name in group if name not in params]
+        if unknown:
+            raise ValueError(f"tied names {unknown[:3]} are not maskable parameters of model")
+        if seen & set(group):
+            raise ValueError(f"tied groups overlap at {sorted(seen & set(group))[:3]}")
+        seen |= set(group)
+        rows = {params[name].shape[0] for name in group}
+        if len(rows) > 1:
+            raise ValueError(f"tied parameters {group[:3]}... have different row counts {rows}")
+    return groups
 
 
 def _no_update(names: list[str]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ unit of a layer for dropping and for growing; the engine and the granularity do 
 Adding a method is one subclass and one entry in ``METHODS``.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -29,12 +30,31 @@ class Method:
         sparsity: float,
         distribution: str,
         erk_power_scale: float,
+        tied: Sequence[Sequence[str]] = (),
     ) -> dict[str, int | None]:
-        """Active units per layer (None: dense)."""
+        """Active units per layer (None: dense).
+
+        A ``tied`` group of layers (channel granularity, equal row counts) is planned as one
+        layer with its members' rows side by side, at the density the distribution gives its
+        members together, so every member keeps the same number of channels.
+        """
         if self.all_dense:
             return dict.fromkeys(shapes)
         densities = layer_densities(shapes, sparsity, distribution, erk_power_scale)
-        return granularity.plan(shapes, densities)
+        merged_shapes, merged_densities = dict(shapes), dict(densities)
+        for group in tied:
+            numel = {name: math.prod(shapes[name]) for name in group}
+            for name in group:
+                del merged_shapes[name], merged_densities[name]
+            rows = shapes[group[0]][0]
+            merged_shapes[group[0]] = (rows, sum(numel.values()) // rows)
+            merged_densities[group[0]] = sum(densities[n] * numel[n] for n in group) / sum(
+                numel.values()
+            )
+        plan = granularity.plan(merged_shapes, merged_densities)
+        for group in tied:
+            plan.update(dict.fromkeys(group[1:], plan[group[0]]))
+        return {name: plan[name] for name in shapes}
 
     def __repr__(self) -> str:
         return self.name

@@ -23,13 +23,14 @@ A study crosses datasets x methods x sparsity levels x prune ratios x seeds. For
     pipeline = "ldm"                  # optional: read from the preset
     overrides = { "train.steps" = 300 }   # this dataset only; wins over [overrides]
 
-    [[extra_cells]]                   # settings outside the cross product, for every dataset x seed
+    [[extra_cells]]                   # settings outside the cross product, per dataset x seed
     variant = "small-dense"           # its row in the report and its cell ids (default: method)
     method = "dense"
     sparsity = 0.5                    # sparse methods only
     prune_ratio = 0.5                 # rigl/magran only
     overrides = { "sparse.granularity" = "channel" }       # every dataset
     dataset_overrides = { fashion-mnist = { "model.channels" = [24, 24] } }
+    datasets = ["fashion-mnist"]      # optional: only these datasets (e.g. a UNet-only setting)
 
 Cells: dense gives one cell per dataset x seed (sparsity 0), static one per sparsity x seed,
 rigl and magran one per sparsity x prune ratio x seed; then each extra cell once per dataset x
@@ -70,7 +71,15 @@ _TOP_KEYS = {
     "datasets",
     "extra_cells",
 }
-_EXTRA_KEYS = {"variant", "method", "sparsity", "prune_ratio", "overrides", "dataset_overrides"}
+_EXTRA_KEYS = {
+    "variant",
+    "method",
+    "sparsity",
+    "prune_ratio",
+    "overrides",
+    "dataset_overrides",
+    "datasets",
+}
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,7 @@ class ExtraCell:
     prune_ratio: float | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     dataset_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    datasets: tuple[str, ...] = ()  # only these datasets (empty: every dataset)
 
 
 @dataclass(frozen=True)
@@ -311,6 +321,9 @@ def _extra_cells(raw: Any, datasets: list[str], where: str) -> list[ExtraCell]:
         per_dataset = e.get("dataset_overrides", {})
         if not isinstance(per_dataset, dict) or set(per_dataset) - set(datasets):
             raise ValueError(f"{ewhere}: dataset_overrides must be keyed by datasets {datasets}")
+        only = e.get("datasets", [])
+        if not isinstance(only, list) or not only and "datasets" in e or set(only) - set(datasets):
+            raise ValueError(f"{ewhere}: datasets must be a non-empty list of {datasets}")
         out.append(
             ExtraCell(
                 variant=variant,
@@ -322,6 +335,7 @@ def _extra_cells(raw: Any, datasets: list[str], where: str) -> list[ExtraCell]:
                     ds: _overrides(o, f"{ewhere}: dataset_overrides.{ds}")
                     for ds, o in per_dataset.items()
                 },
+                datasets=tuple(only),
             )
         )
     return out
@@ -354,7 +368,11 @@ def expand_grid(study: Study) -> list[Cell]:
             for method in study.methods
             for sparsity, p in _settings(study, method)
         ]
-        settings += [(extra, extra.variant) for extra in study.extra_cells]
+        settings += [
+            (extra, extra.variant)
+            for extra in study.extra_cells
+            if not extra.datasets or ds.name in extra.datasets
+        ]
         for setting, variant in settings:
             for seed in study.seeds:
                 grid: dict[str, Any] = {

@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,9 @@ class Task:
     collate: Callable[[list], Any] | None = None
     write_grid: GridFn | None = None
     use_ema: bool = True
+    # parameter names whose channels a channel-sparse run may tie (sparse.tie_stream): the
+    # writers of each residual-stream segment of the model
+    stream_groups: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -92,6 +95,15 @@ class EpochBatches:
             idx = [(start + i) % self.n for i in range(self.batch_size)]
             out.append(perm[idx].tolist())
         return out
+
+
+def _tied(task: Task, sparse_cfg: SparseConfig) -> list[list[str]]:
+    """The channel groups the engine ties: the task's stream groups with sparse.tie_stream."""
+    if not sparse_cfg.tie_stream:
+        return []
+    if not task.stream_groups:
+        raise ValueError("sparse.tie_stream = true, but this model has no residual stream to tie")
+    return task.stream_groups
 
 
 def learning_rate(cfg: TrainConfig, world_size: int) -> float:
@@ -188,6 +200,7 @@ class Trainer:
                 seed=seed,
                 exclude=tuple(sparse_cfg.exclude),
                 include=tuple(sparse_cfg.include) or None,
+                tied=_tied(task, sparse_cfg),
             )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
