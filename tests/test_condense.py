@@ -15,8 +15,9 @@ from sparsediff.models.unet import build_unet, stream_groups
 from sparsediff.sparsity import SparseTraining
 
 
-def channel_sparse(model, sparsity=0.5, distribution="uniform", seed=0):
-    """Random channel masks from the engine, applied to ``model``'s weights (biases kept)."""
+def channel_sparse(model, sparsity=0.5, distribution="uniform", seed=0, tied=()):
+    """Random channel masks from the engine (``tied`` groups sharing theirs), applied to
+    ``model``'s weights (biases kept)."""
     with torch.no_grad():  # non-trivial biases and norms, so dead channels are not zeros
         gen = torch.Generator().manual_seed(seed)
         for name, p in model.named_parameters():
@@ -32,6 +33,7 @@ def channel_sparse(model, sparsity=0.5, distribution="uniform", seed=0):
         granularity="channel",
         total_steps=10,
         seed=seed,
+        tied=tied,
     ).remove()
     return model.eval()
 
@@ -270,23 +272,7 @@ def test_trained_channel_sparse_run_condenses_exactly(
 
 def tied_channel_sparse(model, sparsity=0.5, distribution="erk", seed=0):
     """`channel_sparse` with every residual-stream segment's writers tied."""
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.5 * torch.randn(p.shape, generator=gen))
-    SparseTraining(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        method="static",
-        sparsity=sparsity,
-        distribution=distribution,
-        granularity="channel",
-        total_steps=10,
-        seed=seed,
-        tied=stream_groups(model),
-    ).remove()
-    return model.eval()
+    return channel_sparse(model, sparsity, distribution, seed, tied=stream_groups(model))
 
 
 @pytest.mark.parametrize(
