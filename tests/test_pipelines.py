@@ -218,12 +218,20 @@ def test_evaluation_shows_sampling_progress(tmp_path, ldm_sets, capsys):
     assert "sampling" in capsys.readouterr().err
 
 
-def test_condensed_channel_run_samples_and_evaluates_like_the_run(tmp_path, ldm_sets):
+@pytest.mark.parametrize("tie", ["false", "true"])
+def test_condensed_channel_run_samples_and_evaluates_like_the_run(tmp_path, ldm_sets, tie):
     import numpy as np
 
+    from sparsediff.io import read_json
+
     run, small = tmp_path / "run", tmp_path / "small"
-    train("ldm-tiny", run, *ldm_sets, "sparse.granularity=channel", "sparse.method=static")
+    sets = ["sparse.granularity=channel", "sparse.method=static", f"sparse.tie_stream={tie}"]
+    train("ldm-tiny", run, *ldm_sets, *sets)
     assert main(["condense", str(run), "--out", str(small)]) == 0
+    plan = read_json(small / "condensed.json")["plan"]
+    # tied: the residual stream itself is narrower (its readers get only the live channels)
+    narrowed = any(entry.get("inputs") is not None for entry in plan.values())
+    assert narrowed or tie == "false"
     for d in (run, small):
         out = tmp_path / f"{d.name}.png"
         assert main(["sample", str(d), "--num", "3", "--steps", "3", "--out", str(out)]) == 0
