@@ -27,7 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHOD_NAMES = {"dense": "Dense", "static": "Static", "rigl": "RigL", "magran": "MagRan"}
-VARIANT_NAMES = {"small-dense": "Small dense", "rigl-channel": "RigL channel"}
+VARIANT_NAMES = {
+    "small-dense": "Small dense",
+    "rigl-channel": "RigL channel",
+    "rigl-channel-tied": "RigL channel, stream tied",
+}
 REL_TOL = 0.05
 ALPHA = 0.05
 MISSING = "–"
