@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from sparse_helpers import make_sparse, saved_and_loaded
+from sparse_helpers import ema_update, make_sparse, saved_and_loaded
 from torch import nn
 
 from sparsediff.sparsity import SparseTraining
@@ -58,9 +58,7 @@ def _step(model, opt, ema, step):
     opt.zero_grad(set_to_none=True)
     (model(x) - y).pow(2).mean().backward()
     opt.step()
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 0.2)
+    ema_update(ema, model, 0.8)
 
 
 def _rows(mask):

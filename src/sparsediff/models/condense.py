@@ -218,7 +218,7 @@ class NarrowNorm(nn.Module):
         super().__init__()
         width = norm.num_channels
         order = list(live) + _complement(live, width)  # kept-first position -> channel
-        self.groups, self.eps, self.live = norm.num_groups, norm.eps, len(live)
+        self.eps = norm.eps
         ones = torch.ones(width, device=norm.weight.device if norm.affine else None)
         gamma = norm.weight.detach() if norm.affine else ones
         beta = norm.bias.detach() if norm.affine else ones * 0
@@ -226,7 +226,8 @@ class NarrowNorm(nn.Module):
         self.beta = nn.Parameter(beta[_index(order)].clone())
         # kept-first position -> norm group, as matrices: (width, groups) averages a group's
         # channels, (groups, width) hands a group's value to its channels
-        group = F.one_hot(_index(order) // (width // self.groups), self.groups).to(gamma)
+        groups = norm.num_groups
+        group = F.one_hot(_index(order) // (width // groups), groups).to(gamma)
         self.register_buffer("average", group / group.sum(0), persistent=False)
         self.register_buffer("spread", group.T.contiguous(), persistent=False)
 
@@ -562,13 +563,13 @@ def _stream(model: nn.Module) -> dict[str, tuple[Any, Any, Any]]:
         steps, groups = stream_steps(model), stream_groups(model)
     except (AttributeError, ValueError):
         return {}
-    live = []
+    live = {}  # weight name of a writer -> live channels of its segment
     for group in groups:
-        masks = [_alive(model.get_parameter(name)) for name in group]
-        live.append(functools.reduce(torch.logical_or, masks))
-    if all(bool(mask.all()) for mask in live):
+        alive = functools.reduce(torch.logical_or, [_alive(model.get_parameter(n)) for n in group])
+        live.update(dict.fromkeys(group, alive))
+    if all(bool(mask.all()) for mask in live.values()):
         return {}
-    segment, found, skips = -1, {}, []
+    found, skips = {}, []
     cur = const = None
     for kind, name in steps:
         module = model.get_submodule(name) if name else None
@@ -588,21 +589,18 @@ def _stream(model: nn.Module) -> dict[str, tuple[Any, Any, Any]]:
         ):
             return {}  # a block the rewrites do not cover: the stream stays whole
         if kind == "conv_in":
-            segment += 1
-            cur, const = live[segment], _bias(module)
+            cur, const = live["conv_in.weight"], _bias(module)
         elif kind == "resnet":
             if module.conv_shortcut is None:  # same segment: add to what is there
                 const = (const + _bias(module.conv2)) / module.output_scale_factor
             else:
-                segment += 1
-                cur = live[segment]
+                cur = live[f"{name}.conv2.weight"]
                 const = _bias(module.conv_shortcut) + _bias(module.conv2)
                 const = const / module.output_scale_factor
         elif kind == "attention":
             const = (const + _bias(module.to_out[0])) / module.rescale_output_factor
         elif kind == "resample":
-            segment += 1
-            cur, const = live[segment], _bias(module.conv)
+            cur, const = live[f"{name}.conv.weight"], _bias(module.conv)
         const = const.masked_fill(cur, 0) if cur is not None else None
         found[name] = (inputs, in_const, None if kind == "head" else cur)
     return found

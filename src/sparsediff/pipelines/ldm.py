@@ -233,7 +233,9 @@ class LatentDiffusion(Pipeline):
         def loss(model: nn.Module, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             return epsilon_mse(_unet_fn(model), z * scale, scheduler, generator=gen)
 
-        return Task(unet, self.latents, loss, stream_groups=stream_groups(unet))
+        # walked only when asked for: the walk refuses UNet layouts it does not know
+        groups = stream_groups(unet) if self.cfg.sparse.tie_stream else []
+        return Task(unet, self.latents, loss, stream_groups=groups)
 
     def load(self, device: torch.device) -> None:
         """The frozen first stage and the latent shape and scale of a finished run."""
