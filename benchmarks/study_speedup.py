@@ -13,6 +13,7 @@ difference between the condensed and the masked samples (as uint8 images) is pri
 
     python benchmarks/study_speedup.py studies/evidence            # 1 thread, 5 rounds
     python benchmarks/study_speedup.py docs/results/evidence --json out.json
+    python benchmarks/study_speedup.py docs/results/evidence --dataset kanjivg
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def _params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def measure(study_dir: Path, batch: int, rounds: int) -> list[dict]:
-    """One record per finished channel-sparse cell whose run is on this machine."""
+def measure(study_dir: Path, batch: int, rounds: int, dataset: str | None = None) -> list[dict]:
+    """One record per finished channel-sparse cell whose run is on this machine (of ``dataset``)."""
     by_id = {r["id"]: r for r in read_results(study_dir / RESULTS_FILE)}  # the last line wins
     records = [r for r in by_id.values() if r.get("method")]
     dense = {
@@ -55,6 +56,8 @@ def measure(study_dir: Path, batch: int, rounds: int) -> list[dict]:
     out = []
     for r in records:
         if r.get("overrides", {}).get("sparse.granularity") != "channel":
+            continue
+        if dataset is not None and r["dataset"] != dataset:
             continue
         if not _has_weights(study_dir / r["run_dir"]):
             print(f"{r['id']}: its run's weights are not here; skipped")
@@ -110,11 +113,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dataset", help="only this dataset's cells (default: all)")
     parser.add_argument("--json", type=Path, help="also write the records here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{machine(torch.device('cpu'))}, {args.threads} thread(s), torch {torch.__version__}")
-    records = measure(args.study_dir, args.batch, args.rounds)
+    records = measure(args.study_dir, args.batch, args.rounds, args.dataset)
     if not records:
         print("no finished channel-sparse cell with its weights here")
     for base in ("dense", "masked"):
