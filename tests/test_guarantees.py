@@ -1,11 +1,13 @@
 """What survives a kill, what resume restores, and what bad input gets (docs/guarantees.md)."""
 
 import json
+import shutil
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -246,3 +248,78 @@ def test_a_run_and_the_places_it_shares_can_be_moved_together(tmp_path, fmnist_d
     out = tmp_path / "s.png"
     assert main(["sample", str(tmp_path / "moved" / "run"), "--num", "2", "--out", str(out)]) == 0
     assert out.exists()
+
+
+@pytest.fixture(scope="module")
+def chiro_finished(tmp_path_factory):
+    run = tmp_path_factory.mktemp("chiro") / "run"
+    assert _train("chirodiff-tiny", run, CHIRO) == 0
+    return run
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["sample", "{run}", "--num", "0"], "--num"),
+        (["sample", "{run}", "--num", "-5"], "--num"),
+        (["sample", "{run}", "--eta", "nan"], "--eta"),
+        (["evaluate", "{run}", "--seed-range", "abc"], "--seed-range"),
+        (["evaluate", "{run}", "--seed-range", "5:2"], "--seed-range"),
+        (["evaluate", "{run}", "--eta", "nan"], "--eta"),
+        (["evaluate", "{run}", "--batch-size", "0"], "--batch-size"),
+        (["evaluate", "{run}", "--num-samples", "1"], "--num-samples"),
+        (["train", "chirodiff-tiny", "--threads", "0"], "--threads"),
+    ],
+)
+def test_bad_command_line_values_are_one_line_errors(chiro_finished, capsys, args, named):
+    args = [a.format(run=chiro_finished) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    _bad_input(capsys, exit_.value.code, named)
+
+
+def test_bad_files_are_named(tmp_path, capsys, chiro_finished, ldm_straight):
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    _bad_input(capsys, _train(str(listed), tmp_path / "r", CHIRO), listed)
+    run = tmp_path / "listed-run"
+    shutil.copytree(chiro_finished, run)
+    (run / "config.json").write_text("[1, 2]")
+    _bad_input(capsys, main(["sample", str(run), "--out", str(tmp_path / "a.png")]), "config.json")
+    latent = tmp_path / "latent-run"
+    shutil.copytree(ldm_straight, latent)
+    (latent / "latent.json").write_text('{"shape": [4, 8, 8], "scale": "abc"}')
+    code = main(["sample", str(latent), "--out", str(tmp_path / "b.png")])
+    _bad_input(capsys, code, latent / "latent.json")
+    for name, data in (("latin1.toml", 'name = "caf\xe9"'.encode("latin-1")), ("empty.toml", b"")):
+        (tmp_path / name).write_bytes(data)
+        _bad_input(capsys, _train(str(tmp_path / name), tmp_path / "r", CHIRO), name)
+    study = tmp_path / "study.toml"
+    study.write_text('methods = ["dense"\n')
+    _bad_input(capsys, main(["study", str(study), "--out", str(tmp_path / "s")]), study)
+
+
+def test_a_full_disk_is_named(tmp_path, capsys, monkeypatch):
+    import sparsediff.io
+
+    def full(state, path, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(
+        sparsediff.io.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(9, 9, 0)
+    )
+    code = _train("chirodiff-tiny", tmp_path / "run", CHIRO)
+    _bad_input(capsys, code, "no space left", tmp_path / "run")
+
+
+def test_a_grid_that_would_not_fit_in_memory_is_refused(
+    chiro_finished, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(run_module, "available_memory", lambda: 10_000)
+    out = tmp_path / "huge.png"
+    code = main(["sample", str(chiro_finished), "--num", "100000000000", "--out", str(out)])
+    err = capsys.readouterr().err  # after the first batch's progress bar
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("sparsediff: error: --num 100000000000")
+    assert not out.exists()

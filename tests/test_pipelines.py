@@ -270,10 +270,12 @@ def test_noise_floors_and_scores_against_reconstructions(tmp_path, ldm_sets):
     with pytest.raises(ValueError, match="reference images themselves"):
         noise_floors(run, feature_module=TinyFeatures(), cache_dir=cache, floor_split="valid")
 
-    # a second set that cannot match the reference's size is refused, not silently smaller
+    # a second set that cannot match the reference's size is not measured, and says why:
+    # never silently smaller
     train("ldm-tiny", tmp_path / "big", *ldm_sets, "eval.reference_size=16")
-    with pytest.raises(ValueError, match="has no images from item 16 on"):
-        noise_floors(tmp_path / "big", feature_module=TinyFeatures(), cache_dir=cache)
+    floors = noise_floors(tmp_path / "big", feature_module=TinyFeatures(), cache_dir=cache)
+    assert floors["floors"] == {}
+    assert "has 0 items, fewer than the reference's 16" in floors["warnings"][0]
 
 
 def test_chirodiff_floors_have_no_first_stage(tmp_path):
@@ -289,3 +291,35 @@ def test_chirodiff_floors_have_no_first_stage(tmp_path):
     assert "split_fractions" in floors["protocol"]["reference"]
     record = evaluate(run, feature_module=TinyFeatures(), cache_dir=tmp_path / "c")
     assert "metrics_vs_reconstructions" not in record
+
+
+def test_evaluation_warns_of_fewer_references_than_asked_or_than_samples(tmp_path, ldm_sets):
+    run = tmp_path / "run"
+    train("ldm-tiny", run, *ldm_sets, "eval.reference_size=100000")
+    record = evaluate(run, 20, feature_module=TinyFeatures(), cache_dir=tmp_path / "c")
+    assert record["metrics"]["num_real"] == 16  # all the split holds, and it says so
+    first, second = record["warnings"]
+    assert "eval.reference_size = 100000, but the test split has only 16" in first
+    assert "20 samples against 16 references" in second
+    assert json.loads(Path(record["record"]).read_text())["warnings"] == record["warnings"]
+
+
+def test_a_study_on_a_split_too_small_for_floors_says_so_and_finishes(tmp_path):
+    from sparsediff.study.results import read_results
+    from sparsediff.study.sweep import run_study
+
+    study = tmp_path / "tiny.toml"
+    study.write_text(
+        'methods = ["dense"]\n[[datasets]]\nname = "kanji"\npreset = "chirodiff-tiny"\n'
+        '[datasets.overrides]\n"train.progress" = false\n'
+    )
+    kw = {"feature_module": TinyFeatures(), "cache_dir": tmp_path / "c", "progress": False}
+    run_study(
+        study,
+        tmp_path / "out",
+        evaluate_fn=lambda run, n, seed: evaluate(run, n, seed=seed, **kw),
+        floors_fn=lambda run: noise_floors(run, **kw),
+        progress=False,
+    )
+    floors = {r["id"]: r for r in read_results(tmp_path / "out" / "results.jsonl")}["kanji/floors"]
+    assert floors["floors"] == {} and "noise floors not measured" in floors["warnings"][0]

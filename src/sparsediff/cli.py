@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import sparsediff
 from sparsediff.config import (
@@ -48,6 +49,52 @@ SHORTCUTS = {
     "steps": "train.steps",
     "threads": "train.threads",
 }
+
+
+def _at_least(low: int) -> Any:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    """An argparse type: a finite float >= 0 (DDIM's eta)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
+def _seed_range(text: str) -> tuple[int, int]:
+    """An argparse type: ``A:B`` with 0 <= A < B."""
+    start, sep, stop = text.partition(":")
+    try:
+        bounds = int(start), int(stop)
+    except ValueError:
+        bounds = None
+    if not sep or bounds is None or not 0 <= bounds[0] < bounds[1]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not A:B with 0 <= A < B (e.g. 0:500)")
+    return bounds
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``sparsediff: error: ...`` (the command's usage is one --help away)."""
+        self.exit(2, f"sparsediff: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _say(*lines: str) -> None:
@@ -129,10 +176,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a finished run with the documented protocol."""
     from sparsediff.pipelines import evaluate
 
-    seeds = None
-    if args.seed_range:
-        start, _, stop = args.seed_range.partition(":")
-        seeds = (int(start), int(stop))
+    seeds = args.seed_range
     _say(f"evaluating {args.run_dir} (records go into the run directory)")
     record = evaluate(
         args.run_dir,
@@ -153,6 +197,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{m['precision']:.3f}, recall {m['recall']:.3f} ({m['num_fake']} vs "
             f"{m['num_real']} images); record: {record['record']}"
         )
+    for warning in record.get("warnings", []):
+        print(f"sparsediff: warning: {warning}", file=sys.stderr)
     _json(args, record)
     return 0
 
@@ -228,7 +274,7 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every option documented in ``--help``)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparsediff",
         description="Sparse-to-sparse training of diffusion models (Static, RigL, MagRan, dense).",
         epilog=EPILOG,
@@ -236,10 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=sparsediff.__version__)
     sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--threads",
-        type=int,
+        type=_at_least(1),
         default=None,
         help="torch CPU threads; unset: half the cores, at most 8 (train: train.threads)",
     )
@@ -281,11 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("sample", "write a grid of samples from a finished run", cmd_sample)
     p.add_argument("run_dir", help="a finished run directory")
-    p.add_argument("--num", type=int, default=16, help="number of samples")
+    p.add_argument("--num", type=_at_least(1), default=16, help="number of samples")
     p.add_argument("--sampler", choices=SAMPLERS, help="sampler (unset: the run's sample.sampler)")
-    p.add_argument("--steps", type=int, help="sampler steps (unset: the run's sample.steps)")
-    p.add_argument("--eta", type=float, help="DDIM eta (unset: the run's sample.eta)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--steps", type=_at_least(1), help="sampler steps (unset: the run's sample.steps)"
+    )
+    p.add_argument("--eta", type=_non_negative_float, help="DDIM eta (unset: the run's sample.eta)")
+    p.add_argument("--seed", type=_at_least(0), default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--out", help="output PNG (unset: RUN_DIR/samples-seedS-nN.png); sketches add SVGs"
@@ -311,26 +359,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", "FID/KID/precision/recall, parameters and FLOPs", cmd_evaluate)
     p.add_argument("run_dir", help="a finished run directory")
-    p.add_argument("--num-samples", type=int, help="generated samples (unset: eval.num_samples)")
+    p.add_argument(
+        "--num-samples", type=_at_least(2), help="generated samples (unset: eval.num_samples)"
+    )
     p.add_argument("--sampler", choices=SAMPLERS, help="sampler (unset: eval.sampler)")
-    p.add_argument("--steps", type=int, help="sampler steps (unset: eval.steps)")
-    p.add_argument("--eta", type=float, help="DDIM eta (unset: eval.eta)")
+    p.add_argument("--steps", type=_at_least(1), help="sampler steps (unset: eval.steps)")
+    p.add_argument("--eta", type=_non_negative_float, help="DDIM eta (unset: eval.eta)")
     p.add_argument(
         "--ema",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="sample from the EMA weights or the raw ones (unset: eval.ema)",
     )
-    p.add_argument("--seed", type=int, help="sampling seed (unset: eval.seed)")
+    p.add_argument("--seed", type=_at_least(0), help="sampling seed (unset: eval.seed)")
     p.add_argument(
         "--seed-range",
+        type=_seed_range,
         metavar="A:B",
         help="only generate samples A..B-1 (split a large evaluation; the metrics come when "
         "the ranges cover all samples)",
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=_at_least(1),
         help="samples per batch (unset: eval.batch_size); changes speed, never the samples",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

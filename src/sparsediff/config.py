@@ -27,6 +27,7 @@ from sparsediff.sparsity import check_settings
 # models.autoencoder imports diffusers when it loads (seconds): its two kinds are named here.
 AUTOENCODER_KINDS = ("vq", "kl")  # models.autoencoder: diffusers VQModel | AutoencoderKL
 PRECISIONS = ("fp32", "bf16", "fp16")  # owned here: training imports config, not the reverse
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # runs/<name>: never a path
 
 
 def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
@@ -442,6 +443,19 @@ def list_studies() -> dict[str, str]:
     return _summaries(STUDY_DIR)
 
 
+def _read_preset(path: Path) -> dict[str, Any]:
+    """A TOML preset's table; a file that is not TOML, not UTF-8 or empty is refused."""
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML: {err}") from None
+    if not table:
+        raise ValueError(f"{path}: holds no settings (a preset sets at least 'pipeline')")
+    return table
+
+
 def load_config(
     preset: str | Path | dict[str, Any] | None = None,
     overrides: dict[str, Any] | list[str] | None = None,
@@ -453,13 +467,13 @@ def load_config(
         table, where = preset, "config"
     elif preset is not None and str(preset).endswith(".json"):  # a run's config.json
         record = read_json(preset)
-        table, where = record.get("config", record), str(preset)
+        table = record.get("config", record) if isinstance(record, dict) else None
+        where = str(preset)
+        if not isinstance(table, dict) or not table:
+            raise ValueError(f"{preset}: not a run config (a JSON object of config sections)")
     elif preset is not None:
         path = preset_path(preset)
-        try:
-            table, where = tomllib.loads(path.read_text()), str(path)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: not valid TOML: {err}") from None
+        table, where = _read_preset(path), str(path)
         cfg.name = path.stem
     else:
         table, where = {}, "config"
@@ -494,6 +508,11 @@ def validate(cfg: RunConfig) -> None:
     """
     if cfg.seed < 0:
         raise ValueError(f"seed = {cfg.seed}; must be >= 0")
+    if cfg.name and not RUN_NAME.fullmatch(cfg.name):
+        raise ValueError(
+            f"name = {cfg.name!r}: a run's name is a plain folder name (letters, digits, '.', "
+            "'_', '-'); say where a run goes with --run-dir"
+        )
     for section in ("data", "model", "autoencoder", "diffusion", "train", "sample", "eval"):
         getattr(cfg, section).check(section)
     check_settings(**cfg.sparse.engine_settings(), prefix="sparse.")
@@ -517,4 +536,8 @@ def validate(cfg: RunConfig) -> None:
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
     """The resolved config a run wrote to its directory."""
-    return load_config(read_json(Path(run_dir) / "config.json")["config"])
+    path = Path(run_dir) / "config.json"
+    record = read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise ValueError(f"{path}: not a run's record (a JSON object with a 'config' table)")
+    return load_config(record["config"])

@@ -7,8 +7,10 @@ the old file or the new one, nothing in between.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +28,26 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         with open(tmp, "rb+") as f:  # the bytes reach the disk before the name does
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, Exception) and _disk_full(path.parent, err):
+            raise OSError(
+                f"no space left on the device holding {path.parent} (writing {path.name}): "
+                "free some space, then run again (a run resumes with --resume)"
+            ) from None
         raise
     return path
+
+
+def _disk_full(folder: Path, err: Exception) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC, or an error of a library that hides it
+    (torch.save says "enforce fail at inline_container.cc") with the disk nearly full."""
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def write_text(path: str | Path, text: str) -> Path:

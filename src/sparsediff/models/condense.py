@@ -55,6 +55,7 @@ from sparsediff.weights import load_weights, save_weights
 FORMAT = "sparsediff.condensed/2"
 PLAN_FILE = "condensed.json"
 WEIGHTS_FILE = "condensed.safetensors"
+CONDENSED_ENTRIES = (PLAN_FILE, WEIGHTS_FILE)
 
 _ROW_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Modules that read their layers' weights directly instead of calling them: left alone.

@@ -38,6 +38,9 @@ class Pipeline(ABC):
     """
 
     name: ClassVar[str]
+    # what this family writes into a run directory besides what every run writes
+    # (sparsediff.folders.RUN_ENTRIES): --overwrite deletes these and nothing else
+    run_entries: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
         self.cfg = cfg

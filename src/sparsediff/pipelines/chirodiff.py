@@ -59,6 +59,10 @@ def sequence_loss(
     )
 
 
+def _is_length(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0
+
+
 class ChiroDiff(Pipeline):
     """ChiroDiff (Das et al., ICLR 2023): a bi-GRU denoiser over pen-stroke sequences.
 
@@ -67,6 +71,7 @@ class ChiroDiff(Pipeline):
     """
 
     name = "chirodiff"
+    run_entries = (LENGTHS_FILE,)
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
         super().__init__(cfg, run_dir)
@@ -132,7 +137,11 @@ class ChiroDiff(Pipeline):
     # ------------------------------------------------------------------ a finished run
     def load(self, device: torch.device) -> None:
         """The training set's length distribution."""
-        self.lengths = np.array(read_json(self.run_dir / LENGTHS_FILE), dtype=np.int64)
+        path = self.run_dir / LENGTHS_FILE
+        lengths = read_json(path)
+        if not (isinstance(lengths, list) and lengths and all(_is_length(n) for n in lengths)):
+            raise ValueError(f"{path}: not a list of sequence lengths (positive integers)")
+        self.lengths = np.array(lengths, dtype=np.int64)
 
     @torch.no_grad()
     def generate(

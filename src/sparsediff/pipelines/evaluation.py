@@ -28,6 +28,7 @@ from sparsediff.config import RunConfig, read_run_config
 from sparsediff.diffusion.samplers import SamplingSettings
 from sparsediff.imaging import save_image_grid
 from sparsediff.io import atomic_write, read_json, write_json
+from sparsediff.locks import hold
 from sparsediff.metrics import (
     PREPROCESSING_VERSION,
     InceptionFeatures,
@@ -277,44 +278,81 @@ def noise_floors(
     against the reference, the best a denoiser decoded by it can score.
     """
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    e = cfg.eval
-    pipeline, denoiser = load_run(run_dir, resolve_device(device), e.ema, cfg)
-    device_name = str(next(denoiser.parameters()).device)
-    real_sets = RealFeatures(
-        pipeline, feature_module, batch_size or e.batch_size, device_name, cache_dir, progress
-    )
+    with hold(run_dir, shared=True):
+        cfg = read_run_config(run_dir)
+        e = cfg.eval
+        pipeline, denoiser = load_run(run_dir, resolve_device(device), e.ema, cfg)
+        real_sets = RealFeatures(
+            pipeline,
+            feature_module,
+            batch_size or e.batch_size,
+            _device_of(denoiser),
+            cache_dir,
+            progress,
+        )
+        split = (e.floor_split if floor_split is None else floor_split) or e.reference_split
+        floors, protocol, warnings = _floors(pipeline, real_sets, split)
+        protocol |= {"feature_network": real_sets.identity(), "versions": _versions()}
+        record = {"floors": floors, "protocol": protocol, "warnings": warnings}
+        write_json(run_dir / FLOORS_FILE, record)
+    return record
+
+
+def _floors(
+    pipeline: Pipeline, real_sets: RealFeatures, split: str
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The floors' metrics, protocol and warnings; none measured (a warning says why) when
+    ``split`` holds too few items for a second real set as large as the reference."""
+    e = pipeline.cfg.eval
     real, key = real_sets(e.reference_split, e.reference_size)
-    split = (e.floor_split if floor_split is None else floor_split) or e.reference_split
     offset = e.reference_size if split == e.reference_split else 0  # items read, kept or not
-    other, other_key = real_sets(split, e.reference_size, offset)
+    protocol = {
+        "reference": key,
+        "seed": e.seed,
+        "first_stage": pipeline.first_stage_id(),
+        "device": real_sets.device,
+    }
+    try:
+        other, other_key = real_sets(split, e.reference_size, offset)
+    except ValueError as err:  # the split ends before the second set begins
+        other, other_key = None, {"size": 0, "error": str(err)}
+    protocol["second_set"] = other_key
     if other_key["size"] < key["size"]:
-        raise ValueError(
-            f"the second real set ({split}, from item {offset}) has {other_key['size']} items, "
-            f"fewer than the reference's {key['size']}; set eval.floor_split or enlarge the split"
+        return (
+            {},
+            protocol,
+            [
+                f"noise floors not measured: the second real set ({split}, from item {offset}) "
+                f"has {other_key['size']} items, fewer than the reference's {key['size']}; set "
+                "eval.floor_split or enlarge the split"
+            ],
         )
     if torch.equal(real, other):  # e.g. a split name that is an alias of the reference's
         raise ValueError(f"the second real set ({split}) holds the reference images themselves")
     kid = min(e.kid_subset_size, len(real), len(other))
+    protocol["kid_subset_size"] = kid
     floors = {"real_vs_real": compute_metrics(real, other, kid_subset_size=kid, seed=e.seed)}
     if pipeline.first_stage_id() is not None:
         recon, _ = real_sets(split, e.reference_size, offset, reconstructed=True)
         floors["autoencoder"] = compute_metrics(real, recon, kid_subset_size=kid, seed=e.seed)
-    record = {
-        "floors": floors,
-        "protocol": {
-            "reference": key,
-            "second_set": other_key,
-            "kid_subset_size": kid,
-            "seed": e.seed,
-            "first_stage": pipeline.first_stage_id(),
-            "feature_network": real_sets.identity(),
-            "device": device_name,
-            "versions": _versions(),
-        },
-    }
-    write_json(run_dir / FLOORS_FILE, record)
-    return record
+    return floors, protocol, []
+
+
+def reference_warnings(asked: int, got: int, split: str, num_samples: int) -> list[str]:
+    """What a reader must know of a reference set smaller than asked, or than the samples."""
+    out = []
+    if got < asked:
+        out.append(
+            f"eval.reference_size = {asked}, but the {split} split has only {got} items: FID "
+            f"against {got} references"
+        )
+    if got < num_samples:
+        out.append(
+            f"FID of {num_samples} samples against {got} references: with fewer references "
+            "than samples it is biased, and not comparable with the noise floors (which "
+            "compare sets of equal size)"
+        )
+    return out
 
 
 def evaluate(
@@ -336,59 +374,91 @@ def evaluate(
 
     Arguments left as None come from the run's ``eval`` config; ``batch_size`` changes speed and
     memory, never which samples are drawn. ``feature_module`` replaces
-    the Inception network (tests use a tiny one); ``cache_dir`` the reference cache.
+    the Inception network (tests use a tiny one); ``cache_dir`` the reference cache. The run
+    directory is shared-locked: evaluations run side by side, never beside its training.
     """
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    e = cfg.eval
-    use_ema = ema if ema is not None else e.ema
-    pipeline, denoiser = load_run(run_dir, resolve_device(device), use_ema, cfg)
-    plan = EvaluationPlan(
-        num_samples=num_samples if num_samples is not None else e.num_samples,
-        sampling=pipeline.sampling(e, sampler, steps, eta),
-        seed=seed if seed is not None else e.seed,
-        ema=use_ema,
-    )
-    batch_size = batch_size or e.batch_size
-    if plan.num_samples < 2:
-        raise ValueError(f"num_samples must be >= 2 for FID, got {plan.num_samples}")
-    start, stop = seed_range if seed_range else (0, plan.num_samples)
-    if not 0 <= start < stop <= plan.num_samples:
-        raise ValueError(f"seed range {start}:{stop} must lie within 0:{plan.num_samples}")
-    folder = run_dir / "eval" / plan.digest()
-    shards = _shards(folder)
-    seconds = None
-    if (start, stop) not in shards:
-        path, elapsed = generate_shard(
-            pipeline, denoiser, plan, start, stop, folder, batch_size, progress
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: must be >= 1")
+    with hold(run_dir, shared=True):
+        cfg = read_run_config(run_dir)
+        e = cfg.eval
+        use_ema = ema if ema is not None else e.ema
+        pipeline, denoiser = load_run(run_dir, resolve_device(device), use_ema, cfg)
+        plan = EvaluationPlan(
+            num_samples=num_samples if num_samples is not None else e.num_samples,
+            sampling=pipeline.sampling(e, sampler, steps, eta),
+            seed=seed if seed is not None else e.seed,
+            ema=use_ema,
         )
-        shards[(start, stop)] = path
-        seconds = elapsed / (stop - start)
-    if not _covered(shards, plan.num_samples):
-        return {"partial": True, "protocol": plan.to_dict(), "shards": sorted(shards)}
+        batch_size = batch_size or e.batch_size
+        if plan.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 for FID, got {plan.num_samples}")
+        start, stop = seed_range if seed_range else (0, plan.num_samples)
+        if not 0 <= start < stop <= plan.num_samples:
+            raise ValueError(f"seed range {start}:{stop} must lie within 0:{plan.num_samples}")
+        folder = run_dir / "eval" / plan.digest()
+        shards = _shards(folder)
+        seconds = None
+        if (start, stop) not in shards:
+            path, elapsed = generate_shard(
+                pipeline, denoiser, plan, start, stop, folder, batch_size, progress
+            )
+            shards[(start, stop)] = path
+            seconds = elapsed / (stop - start)
+        if not _covered(shards, plan.num_samples):
+            return {"partial": True, "protocol": plan.to_dict(), "shards": sorted(shards)}
+        real_sets = RealFeatures(
+            pipeline, feature_module, batch_size, _device_of(denoiser), cache_dir, progress
+        )
+        record = _score(pipeline, denoiser, plan, _assemble(shards, plan.num_samples), real_sets)
+        record["cost"] = run_cost(pipeline, denoiser, plan, seconds, read_condensed_info(run_dir))
+        path = write_json(run_dir / f"{plan.record_name()}.json", record)
+    train = pipeline.cfg.train
+    if train.tensorboard:  # beside the training curves, at the final step
+        log_scalars(stage_dir(run_dir), train.steps, record["metrics"], f"{plan.record_name()}/")
+    return {**record, "record": str(path)}
 
-    fake = _assemble(shards, plan.num_samples)
-    device = str(next(denoiser.parameters()).device)
-    real_sets = RealFeatures(pipeline, feature_module, batch_size, device, cache_dir, progress)
+
+def _device_of(module: nn.Module) -> str:
+    return str(next(module.parameters()).device)
+
+
+def _score(
+    pipeline: Pipeline,
+    denoiser: nn.Module,
+    plan: EvaluationPlan,
+    fake: torch.Tensor,
+    real_sets: RealFeatures,
+) -> dict[str, Any]:
+    """Metrics of the generated images ``fake`` against the reference set (and, with a first
+    stage, against its reconstructions), with the protocol and any warnings."""
+    e = pipeline.cfg.eval
     real, key = real_sets(e.reference_split, e.reference_size)
     fake_features = extract_features(
-        fake, real_sets.network, batch_size, device, "features", progress
+        fake,
+        real_sets.network,
+        real_sets.batch_size,
+        real_sets.device,
+        "features",
+        real_sets.progress,
     )
     kid_subset_size = min(e.kid_subset_size, len(real), len(fake_features))
     metrics = compute_metrics(real, fake_features, kid_subset_size=kid_subset_size, seed=plan.seed)
-    grid = save_image_grid(fake[:16], run_dir / "eval-grid.png")
+    grid = save_image_grid(fake[:16], pipeline.run_dir / "eval-grid.png")
+    warnings = reference_warnings(e.reference_size, key["size"], key["split"], plan.num_samples)
     record = {
         "metrics": metrics,
-        "cost": run_cost(pipeline, denoiser, plan, seconds, read_condensed_info(run_dir)),
         "protocol": {
             **plan.to_dict(),
             "reference": key,
             "kid_subset_size": kid_subset_size,
             "feature_network": real_sets.identity(),
-            "device": device,
+            "device": real_sets.device,
             "versions": _versions(),
         },
         "samples_grid": str(grid),
+        "warnings": warnings,
     }
     if pipeline.first_stage_id() is not None:  # isolates the denoiser, the part that is sparse
         record["protocol"]["first_stage"] = pipeline.first_stage_id()
@@ -396,8 +466,4 @@ def evaluate(
         record["metrics_vs_reconstructions"] = compute_metrics(
             recon, fake_features, kid_subset_size=kid_subset_size, seed=plan.seed
         )
-    path = write_json(run_dir / f"{plan.record_name()}.json", record)
-    train = pipeline.cfg.train
-    if train.tensorboard:  # beside the training curves, at the final step
-        log_scalars(stage_dir(run_dir), train.steps, metrics, f"{plan.record_name()}/")
-    return {**record, "record": str(path)}
+    return record

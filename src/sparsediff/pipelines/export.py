@@ -30,7 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsediff.config import read_run_config
+from sparsediff.folders import RUN_ENTRIES, check_apart, clear, prepare_out, write_marker
 from sparsediff.io import read_json, write_text
+from sparsediff.locks import hold
 from sparsediff.models.condense import condense, read_condensed_info, save_condensed
 from sparsediff.pipelines.base import Pipeline
 from sparsediff.pipelines.chirodiff import ChiroDiff
@@ -52,8 +55,9 @@ def export_run(
 
     ``compact`` adds ``model.compact.safetensors`` (the denoiser in the compact sparse format),
     with its non-zero values cast to ``value_dtype`` (fp16/bf16: lossy) when given. The folder
-    is assembled under a temporary name and renamed into place, so it is complete or absent;
-    an existing non-empty ``out_dir`` is replaced only with ``overwrite``.
+    is assembled under a temporary name and renamed into place, so it is complete or absent.
+    An existing non-empty ``out_dir`` is replaced only with ``overwrite``, and only when it is
+    an export holding nothing but what the export wrote (``sparsediff.folders``).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     value_dtype = parse_dtype(value_dtype)
@@ -61,9 +65,10 @@ def export_run(
         raise ValueError("value_dtype applies to the compact weights: pass compact=True")
     if not (run_dir / DONE_FILE).exists():
         raise FileNotFoundError(f"{run_dir} is not a finished run (no {DONE_FILE})")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
-    pipeline, denoiser = load_run(run_dir, "cpu")
+    check_apart(out_dir, run_dir)
+    replaced = prepare_out(out_dir, "export", overwrite)
+    with hold(run_dir, shared=True):
+        pipeline, denoiser = load_run(run_dir, "cpu")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
@@ -76,8 +81,9 @@ def export_run(
             sizes = compact_size_report(tmp / COMPACT_WEIGHTS_FILE, tmp / dense_file)
         card = model_card(pipeline, denoiser, out_dir.name, sizes)
         write_text(tmp / CARD_FILE, card)
-        if out_dir.exists() and any(out_dir.iterdir()):
-            shutil.rmtree(out_dir)
+        write_marker(tmp, "export")
+        if replaced:
+            clear(out_dir, replaced, "to replace it")
         os.replace(tmp, out_dir)  # also replaces an empty directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,15 +96,22 @@ def condense_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) 
 
     ``out`` then works like a run directory for ``sample`` and ``evaluate`` (it points back at
     the run for the frozen parts); returns what was measured (parameters, FLOPs, rewrites).
+    A run that is not channel-sparse, or has no dead channel, is refused: nothing to remove.
     """
     run_dir, out = Path(run_dir).resolve(), Path(out)
+    check_apart(out, run_dir)
     if read_condensed_info(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds a condensed model")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{out} is not empty: pass --overwrite to replace it")
-        shutil.rmtree(out)
-    pipeline, denoiser = load_run(run_dir)
+    granularity = read_run_config(run_dir).sparse.granularity
+    if granularity != "channel":
+        raise ValueError(
+            f"{run_dir} is not channel-sparse (sparse.granularity = {granularity!r}): condense "
+            "removes whole dead channels, which only channel-sparse training leaves; nothing "
+            "written"
+        )
+    replaced = prepare_out(out, "condensed", overwrite, RUN_ENTRIES)
+    with hold(run_dir, shared=True):
+        pipeline, denoiser = load_run(run_dir)
     condensed, plan = condense(denoiser)
     inputs = pipeline.flop_inputs(torch.device("cpu"))
     masked = inference_flops(denoiser, *inputs)
@@ -113,8 +126,13 @@ def condense_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) 
         "flops_condensed": small.dense,
         "rewritten": {kind: kinds.count(kind) for kind in sorted(set(kinds))},
     }
-    save_condensed(condensed, plan, out, **info)
-    shutil.copy2(run_dir / CONFIG_FILE, out / CONFIG_FILE)
+    if info["params_condensed"] == info["params"]:
+        raise ValueError(f"{run_dir} has no dead channel to remove: nothing written")
+    with hold(out):
+        clear(out, replaced, "to replace it")
+        save_condensed(condensed, plan, out, **info)
+        shutil.copy2(run_dir / CONFIG_FILE, out / CONFIG_FILE)
+        write_marker(out, "condensed")
     return info
 
 

@@ -8,9 +8,12 @@ sparse engine attached to the UNet and its EMA copy.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from sparsediff.diffusion.losses import epsilon_mse
 from sparsediff.diffusion.samplers import SamplingSettings, build_sampling_scheduler
 from sparsediff.imaging import to_uint8
 from sparsediff.io import read_json, write_json
+from sparsediff.locks import wait_for
 from sparsediff.models.autoencoder import (
     autoencoder_fingerprint,
     autoencoder_kind,
@@ -57,6 +61,17 @@ def _first_image(data: torch.utils.data.Dataset) -> torch.Tensor:
     raise ValueError(f"no readable image in the {len(data)} files of {data.identity['path']}")
 
 
+@contextmanager
+def _one_builder(place: Path, dist: Dist, what: str) -> Iterator[None]:
+    """Hold ``place``'s lock (rank 0, for all ranks) while it is checked and built: runs that
+    share it wait for the first to finish, then find it built."""
+    lock = place.with_name(f".{place.name}.lock")
+    with wait_for(lock, f"{what} {place}") if dist.is_main else nullcontext():
+        barrier(dist)
+        yield
+        barrier(dist)
+
+
 class _Reconstruction(nn.Module):
     """The autoencoder's training forward, so DDP sees (and syncs) one ``forward`` call."""
 
@@ -77,6 +92,7 @@ class LatentDiffusion(Pipeline):
     """
 
     name = "ldm"
+    run_entries = (AE_DIR, "autoencoder-*.pt", "autoencoder-*.jsonl", "latents", LATENT_FILE)
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
         super().__init__(cfg, run_dir)
@@ -106,9 +122,15 @@ class LatentDiffusion(Pipeline):
         return self.local_path(ae.pretrained or ae.dir) or self.run_dir / AE_DIR
 
     def _train_autoencoder(self, dist: Dist, resume: bool) -> nn.Module:
+        """Stage 1, built once: a run beside this one that shares the first stage (a study's
+        other process) waits until it is saved, then loads it."""
+        out = self.autoencoder_dir()
+        with _one_builder(out, dist, "the first stage"):
+            return self._load_or_train_autoencoder(out, dist, resume)
+
+    def _load_or_train_autoencoder(self, out: Path, dist: Dist, resume: bool) -> nn.Module:
         """Stage 1: train the dense autoencoder with the shared loop (L1 + L2 + codebook/KL)."""
         cfg, ae_cfg = self.cfg, self.cfg.autoencoder
-        out = self.autoencoder_dir()
         if out.exists():
             try:
                 return load_autoencoder(out)[0]
@@ -191,11 +213,12 @@ class LatentDiffusion(Pipeline):
                 progress=cfg.train.progress,
             )
 
-        if dist.is_main:
-            latents = build()
-        barrier(dist)
-        if not dist.is_main:
-            latents = build()
+        with _one_builder(cache_dir, dist, "the latent cache"):
+            if dist.is_main:
+                latents = build()
+            barrier(dist)
+            if not dist.is_main:
+                latents = build()
         return latents
 
     def prepare(self, dist: Dist, resume: bool) -> None:
@@ -239,8 +262,18 @@ class LatentDiffusion(Pipeline):
 
     def load(self, device: torch.device) -> None:
         """The frozen first stage and the latent shape and scale of a finished run."""
-        info = read_json(self.run_dir / LATENT_FILE)
-        self.latent_shape, self.scale = tuple(info["shape"]), float(info["scale"])
+        path = self.run_dir / LATENT_FILE
+        info = read_json(path)
+        shape, scale = (info.get("shape"), info.get("scale")) if isinstance(info, dict) else (0, 0)
+        shape_ok = isinstance(shape, list) and len(shape) == 3
+        shape_ok = shape_ok and all(isinstance(v, int) and v > 0 for v in shape)
+        scale_ok = isinstance(scale, int | float) and not isinstance(scale, bool)
+        if not (shape_ok and scale_ok and math.isfinite(scale) and scale > 0):
+            raise ValueError(
+                f"{path}: not a latent record (shape: three positive integers, scale: a "
+                f"positive number); got {info!r}"
+            )
+        self.latent_shape, self.scale = tuple(shape), float(scale)
         self.ae = load_autoencoder(self.autoencoder_dir())[0].to(device).eval()
 
     @torch.no_grad()

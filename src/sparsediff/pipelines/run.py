@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,12 @@ from torch import nn
 
 import sparsediff
 from sparsediff.config import RunConfig, flatten, read_run_config
+from sparsediff.folders import RUN_ENTRIES, SAMPLE_ENTRIES, check_only_ours, clear, is_run, matches
 from sparsediff.io import read_json, write_json
-from sparsediff.models.condense import load_condensed, read_condensed_info
+from sparsediff.locks import hold
+from sparsediff.models.condense import CONDENSED_ENTRIES, load_condensed, read_condensed_info
 from sparsediff.pipelines.base import Pipeline, sample_seeds
-from sparsediff.pipelines.registry import get_pipeline
+from sparsediff.pipelines.registry import PIPELINES, get_pipeline
 from sparsediff.training.checkpoint import load_checkpoint
 from sparsediff.training.distributed import Dist, barrier, resolve_device, setup
 from sparsediff.training.loop import Trainer, seed_stage
@@ -86,43 +88,70 @@ def is_started(run_dir: str | Path) -> bool:
     return (Path(run_dir) / CONFIG_FILE).exists()
 
 
+def run_entries() -> tuple[str, ...]:
+    """What a run directory of any pipeline may hold: all that ``--overwrite`` may delete."""
+    return RUN_ENTRIES + tuple(e for p in PIPELINES.values() for e in p.run_entries)
+
+
+def _check_resume(cfg: RunConfig, run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The config.json record of a resumed run; refuses other training settings."""
+    saved = read_json(run_dir / CONFIG_FILE)
+    old, new = flatten(saved["config"]), flatten(cfg.to_dict())
+    changed = {k: [old.get(k), new.get(k)] for k in old.keys() | new.keys()}
+    changed = {k: v for k, v in sorted(changed.items()) if v[0] != v[1]}
+    refused = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+    if refused:
+        lines = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        raise ValueError(
+            f"--resume of {run_dir} with other training settings ({lines}); resume with the "
+            "run's own settings, or start a new run (another --run-dir, or --overwrite)"
+        )
+    for leftover in run_dir.rglob(".*.tmp"):  # atomic writes a kill cut short
+        leftover.unlink()
+    entry = {"time": time.time(), "changed": changed, "environment": record["environment"]}
+    return {**saved, "config": cfg.to_dict(), "resumes": [*saved.get("resumes", []), entry]}
+
+
 def _claim_run_dir(
     cfg: RunConfig, run_dir: Path, dist: Dist, resume: bool, overwrite: bool
 ) -> dict[str, Any]:
     """Check what ``run_dir`` holds against what was asked; returns the config.json record.
 
-    A new run needs an empty place, ``resume`` a started run with the same training settings
-    (changes in ``RESUMABLE_CHANGES`` are allowed and recorded), ``overwrite`` starts again.
+    A new run needs a place holding nothing but a run's own files, ``resume`` a started run
+    with the same training settings (changes in ``RESUMABLE_CHANGES`` are allowed and
+    recorded), ``overwrite`` deletes a run's files and starts again: it refuses a folder that
+    holds anything else (docs/guarantees.md).
     """
     record = {"config": cfg.to_dict(), "environment": environment(dist, cfg)}
-    if overwrite and is_started(run_dir):
+    _check_place(run_dir)
+    started = is_started(run_dir)
+    if overwrite:
         barrier(dist)
         if dist.is_main:
-            shutil.rmtree(run_dir)
+            clear(run_dir, run_entries(), "--overwrite")
         barrier(dist)
-    elif resume and not is_started(run_dir):
+    elif resume and not started:
         raise ValueError(f"nothing to resume: {run_dir} holds no run ({CONFIG_FILE} is missing)")
     elif resume:
-        saved = read_json(run_dir / CONFIG_FILE)
-        old, new = flatten(saved["config"]), flatten(cfg.to_dict())
-        changed = {k: [old.get(k), new.get(k)] for k in old.keys() | new.keys()}
-        changed = {k: v for k, v in sorted(changed.items()) if v[0] != v[1]}
-        refused = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
-        if refused:
-            lines = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
-            raise ValueError(
-                f"--resume of {run_dir} with other training settings ({lines}); resume with the "
-                "run's own settings, or start a new run (another --run-dir, or --overwrite)"
-            )
-        entry = {"time": time.time(), "changed": changed, "environment": record["environment"]}
-        record = {**saved, "config": cfg.to_dict(), "resumes": [*saved.get("resumes", []), entry]}
-    elif is_started(run_dir):
+        record = _check_resume(cfg, run_dir, record)
+    elif started:
         state = "finished" if (run_dir / DONE_FILE).exists() else "unfinished"
         raise ValueError(
             f"{run_dir} already holds a {state} run: pass --resume to continue it, or "
             "--overwrite to delete it and start again"
         )
     return record
+
+
+def _check_place(run_dir: Path) -> None:
+    """Refuse a folder that is not a run and holds more than a run's own files."""
+    if not is_started(run_dir):
+        check_only_ours(run_dir, run_entries(), "to start a run in it")
+    elif not is_run(run_dir):
+        raise ValueError(
+            f"{run_dir / CONFIG_FILE} is not a run's record: {run_dir} is not a run directory; "
+            "choose another folder"
+        )
 
 
 def default_threads() -> int:
@@ -136,12 +165,21 @@ def train(
     """Train a run end to end; returns a summary (also written to ``done.json``).
 
     ``resume`` continues a started run (from its checkpoints; bit-identical to an uninterrupted
-    run), ``overwrite`` deletes what ``run_dir`` holds first; a new run needs an unused place.
+    run), ``overwrite`` deletes what a run wrote in ``run_dir`` first; a new run needs an unused
+    place. The run directory is locked while training: a second writer fails at once.
     """
     run_dir = Path(run_dir)
     pipeline = get_pipeline(cfg.pipeline)(cfg, run_dir)
     torch.set_num_threads(cfg.train.threads or default_threads())
     dist = setup(cfg.train.device)
+    _check_place(run_dir)  # before the lock: a folder of someone else's gets no lock file
+    with hold(run_dir) if dist.is_main else nullcontext():
+        return _train(cfg, pipeline, run_dir, dist, resume, overwrite)
+
+
+def _train(
+    cfg: RunConfig, pipeline: Pipeline, run_dir: Path, dist: Dist, resume: bool, overwrite: bool
+) -> dict[str, Any]:
     record = _claim_run_dir(cfg, run_dir, dist, resume, overwrite)
     barrier(dist)  # every rank has looked at the directory before rank 0 writes into it
     if dist.device.type == "cuda":
@@ -213,6 +251,48 @@ def load_run(
     return pipeline, denoiser.to(device).eval()
 
 
+def available_memory() -> int:
+    """Bytes of memory a new allocation can have (Linux's MemAvailable; else all of it)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_sample_out(out: Path, run_dir: Path) -> None:
+    """A grid is a PNG, and never lands on a file of the run it is drawn from."""
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise ValueError(f"--out {out}: a sample grid is a PNG file; give a path ending in .png")
+    target, run = out.resolve(), run_dir.resolve()
+    if not target.is_relative_to(run):
+        return
+    parts = target.relative_to(run).parts
+    names = [parts[0]] + ([f"{out.stem}-svg"] if len(parts) == 1 else [])  # sketches add SVGs
+    own = (*run_entries(), *CONDENSED_ENTRIES)
+    for name in names:
+        if matches(name, own) and not matches(name, SAMPLE_ENTRIES):
+            raise ValueError(
+                f"--out {out} would write over the run's own {name}: choose another name"
+            )
+
+
+def _check_fits(pipeline: Pipeline, first: Any, num: int) -> None:
+    """Refuse a grid that would not fit in memory, judged from its first batch."""
+    n = len(first)
+    per_sample = 3 * pipeline.to_images(first).nbytes / n  # images, the grid, PIL's copy
+    per_sample += first.nbytes / n if isinstance(first, torch.Tensor) else 0
+    need, have = per_sample * num, available_memory()
+    if need > 0.8 * have:
+        raise ValueError(
+            f"--num {num}: a grid of {num:,} samples needs about {need / 2**30:.1f} GiB of "
+            f"memory, more than the {have / 2**30:.1f} GiB available; sample fewer (sparsediff "
+            "evaluate writes many samples to disk in shards)"
+        )
+
+
 def write_samples(
     run_dir: str | Path,
     out: str | Path,
@@ -226,9 +306,26 @@ def write_samples(
 ) -> Path:
     """Write a sample grid (and SVGs for sketches) from a finished run's EMA weights.
 
-    Sampler settings left as None come from the run's ``sample`` config.
+    Sampler settings left as None come from the run's ``sample`` config. Samples are drawn in
+    batches of ``eval.batch_size`` (each from its own seed: the batch changes nothing); a grid
+    that would not fit in memory is refused after the first batch.
     """
-    pipeline, denoiser = load_run(run_dir, resolve_device(device))
-    settings = pipeline.sampling(pipeline.cfg.sample, sampler, steps, eta)
-    samples = pipeline.generate(denoiser, sample_seeds(seed, 0, num), settings, progress=progress)
-    return pipeline.save_samples(samples, Path(out))
+    run_dir, out = Path(run_dir), Path(out)
+    if num < 1:
+        raise ValueError(f"--num {num}: sample at least one")
+    _check_sample_out(out, run_dir)
+    out = out.resolve()  # written where it was checked, whatever links lie on the way
+    with hold(run_dir, shared=True):
+        pipeline, denoiser = load_run(run_dir, resolve_device(device))
+        settings = pipeline.sampling(pipeline.cfg.sample, sampler, steps, eta)
+        batch, chunks = pipeline.cfg.eval.batch_size, []
+        for start in range(0, num, batch):
+            seeds = sample_seeds(seed, start, min(start + batch, num))
+            chunks.append(pipeline.generate(denoiser, seeds, settings, progress=progress))
+            if start == 0 and num > len(seeds):
+                _check_fits(pipeline, chunks[0], num)
+        if isinstance(chunks[0], torch.Tensor):
+            samples = torch.cat(chunks)
+        else:
+            samples = [sample for chunk in chunks for sample in chunk]
+        return pipeline.save_samples(samples, out)

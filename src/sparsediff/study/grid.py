@@ -344,8 +344,12 @@ def _extra_cells(raw: Any, datasets: list[str], where: str) -> list[ExtraCell]:
 def load_study(path: str | Path) -> Study:
     """Read and validate a study TOML file."""
     path = Path(path)
-    with path.open("rb") as f:
-        raw = tomllib.load(f)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML: {err}") from None
     return parse_study(raw, name=path.stem, source=str(path))
 
 

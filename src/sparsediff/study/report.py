@@ -229,7 +229,9 @@ def floors_table(settings: list[Setting], floors: dict | None) -> str | None:
         ["Noise floors and baselines"] + [t for _, t, *_ in FLOOR_METRICS] + ["Non-zero params"]
     )
     table = _markdown(header, rows)
-    if floors:
+    for warning in (floors or {}).get("warnings") or []:
+        table += f"\n\n**Warning: {warning}.**"
+    if (floors or {}).get("floors"):
         proto = floors.get("protocol") or {}
         ref, other = proto.get("reference") or {}, proto.get("second_set") or {}
         table += (

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sparsediff.locks import wait_for
+
 RESULTS_FILE = "results.jsonl"
 STUDY_FILE = "study.json"
 
@@ -52,13 +54,23 @@ def read_results(path: str | Path) -> list[dict]:
     return records
 
 
-def append_result(path: Path, record: dict) -> None:
-    """Append one line and make it durable before the next cell starts.
+def append_result(path: Path, record: dict) -> bool:
+    """Append one line and make it durable before the next cell starts; returns False (and
+    writes nothing) when the file has a line with this id already.
 
     An append, not an atomic rewrite: earlier lines are never touched, and a torn last line is
-    repaired (a newline is added first) and skipped by ``read_results``.
+    repaired (a newline is added first) and skipped by ``read_results``. Study processes
+    working side by side append under a lock, so lines stay whole and ids unique.
     """
     line = json.dumps(jsonable(record), allow_nan=False)
+    with wait_for(path.with_name(f".{path.name}.lock"), str(path), quiet=True):
+        if any(r["id"] == record["id"] for r in read_results(path)):
+            return False
+        _append_line(path, line)
+    return True
+
+
+def _append_line(path: Path, line: str) -> None:
     with path.open("ab") as f:
         if f.tell() > 0:
             with path.open("rb") as r:  # a crash may have left a line without its newline

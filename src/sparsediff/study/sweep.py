@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from sparsediff.config import absolute_paths, load_config
 from sparsediff.io import write_text
+from sparsediff.locks import LockedError, wait_for
 from sparsediff.pipelines import evaluate, get_pipeline, noise_floors, train
 from sparsediff.pipelines.run import DONE_FILE, is_started
 from sparsediff.study.grid import Cell, Study, expand_grid, load_study
@@ -102,33 +103,46 @@ def record_floors(
 ) -> None:
     """Measure and append the floors of every dataset of ``cells`` that has a finished cell here
     (its run directory on this machine) but no floors line yet, with that cell's run. A failure
-    goes into ``failed`` under the floors id and is not retried in this call."""
-    for cell in cells:
-        key = floors_id(cell.dataset)
-        run_dir = study_dir / "runs" / cell.id
-        if key in finished or key in failed or cell.id not in finished:
-            continue
-        if not (run_dir / DONE_FILE).exists():  # finished elsewhere: the results line only
-            continue
-        start = time.perf_counter()
-        try:
-            floors = floors_fn(run_dir)
-        except Exception as exc:
-            failed[key] = "".join(traceback.format_exception(exc))
-            tqdm.write(f"noise floors of {cell.dataset} failed:\n{failed[key]}", file=sys.stderr)
-            continue
-        record = {
-            "id": key,
-            "kind": "floors",
-            "dataset": cell.dataset,
-            "floors": floors.get("floors", {}),
-            "protocol": floors.get("protocol", {}),
-            "run_dir": _relative(run_dir, study_dir),
-            "seconds": time.perf_counter() - start,
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        append_result(study_dir / RESULTS_FILE, jsonable(record))
-        finished.add(key)
+    goes into ``failed`` under the floors id and is not retried in this call. Study processes
+    side by side take turns (a lock), so each dataset's floors are measured once."""
+    with wait_for(study_dir / ".floors.lock", f"the noise floors of {study_dir}"):
+        finished |= {r["id"] for r in read_results(study_dir / RESULTS_FILE)}
+        for cell in cells:
+            key = floors_id(cell.dataset)
+            run_dir = study_dir / "runs" / cell.id
+            if key in finished or key in failed or cell.id not in finished:
+                continue
+            if not (run_dir / DONE_FILE).exists():  # finished elsewhere: the results line only
+                continue
+            start = time.perf_counter()
+            try:
+                floors = floors_fn(run_dir)
+            except Exception as exc:
+                _failed(study_dir, key, exc, failed, f"noise floors of {cell.dataset}")
+                continue
+            record = {
+                "id": key,
+                "kind": "floors",
+                "dataset": cell.dataset,
+                "floors": floors.get("floors", {}),
+                "protocol": floors.get("protocol", {}),
+                "warnings": floors.get("warnings", []),
+                "run_dir": _relative(run_dir, study_dir),
+                "seconds": time.perf_counter() - start,
+                "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            for warning in record["warnings"]:
+                tqdm.write(f"{cell.dataset}: {warning}", file=sys.stderr)
+            append_result(study_dir / RESULTS_FILE, jsonable(record))
+            finished.add(key)
+
+
+def _failed(study_dir: Path, key: str, error: BaseException, failed: dict, what: str) -> None:
+    """Say in one line that ``what`` failed; its traceback goes to ``failed/<key>.txt``."""
+    failed[key] = "".join(traceback.format_exception(error))
+    log = write_text(study_dir / "failed" / f"{key}.txt", failed[key])
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    tqdm.write(f"{what} failed: {text} (traceback: {log})", file=sys.stderr)
 
 
 def visible_devices(device: str) -> str:
@@ -287,16 +301,20 @@ def run_study(
 
     def finish(cell: Cell, record: dict | None, error: BaseException | None) -> None:
         if error is None:
-            append_result(results_path, record)
+            append_result(results_path, record)  # False: another process recorded it first
             finished.add(cell.id)
+        elif isinstance(error, LockedError):  # the other study process has this cell
+            tqdm.write(f"cell {cell.id} is running in another process: {error}", file=sys.stderr)
         else:  # keep going: one broken cell must not cost the rest of a long sweep
-            failed[cell.id] = "".join(traceback.format_exception(error))
-            tqdm.write(f"cell {cell.id} failed:\n{failed[cell.id]}", file=sys.stderr)
+            _failed(study_dir, cell.id, error, failed, f"cell {cell.id}")
         bar.update(1)
 
     with bar:
         if not devices:
             for cell in pending:
+                if cell.id in {r["id"] for r in read_results(results_path)}:
+                    bar.update(1)  # finished meanwhile by a study process beside this one
+                    continue
                 bar.set_description_str(cell.id)
                 try:
                     record = run_cell(cell, *args)
