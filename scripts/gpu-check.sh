@@ -7,16 +7,28 @@
 # step has its own time cap (`timeout`) and the whole run a deadline, so a slow or hung step
 # cannot eat the budget: a capped step shows exit code 124, one past the deadline "skipped".
 #
+# It prepares itself on a bare machine: the Python is $PYTHON, else the venv's (.venv, made by
+# scripts/setup.sh), else the machine's python3 (a lent GPU machine's holds a CUDA torch). Wheels
+# in .whl/ are installed with --target into a folder of their own (no network, nothing else
+# touched), and the project runs from src/ through PYTHONPATH: nothing to build.
+#
+# The exact call on a lent GPU machine (device tool), prepared here once:
+#   bash scripts/gpu-wheels.sh          # diffusers & co. into .whl/ (git-ignored), ~6.5 MB
+#   run(command="bash scripts/gpu-check.sh", carry=[".whl"], timeout_s=560)
+# Rehearsed on a CPU machine with a bare Python that lacks those packages:
+#   PYTHON=/path/to/bare/python bash scripts/gpu-check.sh   # ends: "no CUDA GPU", exit code 3
+#
 # Writes one Markdown summary, $OUT/gpu-check.md if OUT is set, else ./gpu-check.md (card,
 # torch version, each step's command, exit code, time and output tail), and the full logs in
-# gpu-check-logs/ next to it. Assumes the venv at .venv (scripts/setup.sh makes it).
-# Without a CUDA GPU it writes a summary saying so and exits with code 3, running nothing.
+# gpu-check-logs/ next to it. Exit codes: 3 no CUDA GPU, 4 packages missing (the summary names
+# them), else 0 (a failed step shows in the summary).
 #
 #   bash scripts/gpu-check.sh
 #   OUT=/tmp/out bash scripts/gpu-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${VENV:-.venv}/bin/python"
+PY="${PYTHON:-${VENV:-.venv}/bin/python}"
+[ -x "$PY" ] || PY="$(command -v python3)"
 SUMMARY="${OUT:-.}/gpu-check.md"
 LOGS="$(dirname "$SUMMARY")/gpu-check-logs"
 BUDGET_S=450   # all steps together: 8 minutes less start-up, kill grace (10 s) and summary
@@ -34,10 +46,29 @@ md() { printf '%s\n' "$@" >>"$SUMMARY"; }
   echo "- git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } >"$SUMMARY"
 
-if [ ! -x "$PY" ]; then
-  md "- **not run**: no venv at ${VENV:-.venv} (run scripts/setup.sh)"
-  echo "gpu-check: no venv at ${VENV:-.venv}; run scripts/setup.sh first" >&2
-  exit 3
+md "- python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])' 2>&1))"
+if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels: into a folder of their own
+  SITE="$WORK/site"
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+    .whl/*.whl >"$LOGS/wheels.log" 2>&1; then
+    md "- **not run**: the wheels in .whl/ did not install (gpu-check-logs/wheels.log)"
+    echo "gpu-check: the wheels in .whl/ did not install; see $LOGS/wheels.log" >&2
+    exit 4
+  fi
+  md "- installed from .whl/: $(cd .whl && ls -- *.whl | tr '\n' ' ')"
+fi
+export PYTHONPATH="$PWD/src${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
+NEEDED="torch numpy PIL safetensors tqdm diffusers scipy matplotlib huggingface_hub pytest"
+MISSING=$("$PY" -c "import importlib.util as u, sys; print(' '.join(n for n in sys.argv[1:] if u.find_spec(n) is None))" $NEEDED 2>&1)
+if [ -n "$MISSING" ]; then
+  md "- **not run**: missing Python packages: $MISSING (carry their wheels: scripts/gpu-wheels.sh)"
+  echo "gpu-check: missing Python packages: $MISSING; see the header of this script" >&2
+  exit 4
+fi
+if ! "$PY" -c "import sparsediff.pipelines" >"$LOGS/import.log" 2>&1; then
+  md "- **not run**: sparsediff does not import here: $(tail -n 1 "$LOGS/import.log")"
+  echo "gpu-check: sparsediff does not import; see $LOGS/import.log" >&2
+  exit 4
 fi
 md "- torch: $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)' 2>&1)"
 if ! command -v nvidia-smi >/dev/null 2>&1 \

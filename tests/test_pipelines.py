@@ -51,6 +51,7 @@ def ldm_sets(fmnist_dir):
     return [f"data.path={fmnist_dir}", "train.progress=false"]
 
 
+@pytest.mark.kernels  # batch sizes: other float kernels
 def test_ldm_tiny_end_to_end(tmp_path, ldm_sets):
     run = tmp_path / "run"
     train("ldm-tiny", run, *ldm_sets)
@@ -94,10 +95,14 @@ def test_ldm_tiny_end_to_end(tmp_path, ldm_sets):
     # the batch size changes only speed (and float rounding): one sample at a time, same samples
     third = tmp_path / "third"
     shutil.copytree(run, third, ignore=shutil.ignore_patterns("eval"))
-    one = evaluate(
-        third, seed=1, batch_size=1, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache"
+    evaluate(third, seed=1, batch_size=1, feature_module=TinyFeatures(), cache_dir=tmp_path / "c")
+    ones, batched = (
+        load_file(str(next(d.glob("eval/*/*.safetensors"))))["images"] for d in (third, other)
     )
-    assert one["metrics"] == pytest.approx(whole["metrics"], rel=1e-5)
+    # other batch shapes, other float kernels: a pixel may land one level away, at a rounding
+    # boundary; samples drawn from other seeds would differ by far more
+    level = (ones.int() - batched.int()).abs()
+    assert level.max() <= 1 and (level > 0).float().mean() < 0.01
     # seed ranges need not align with batches, and may overlap
     evaluate(
         run, seed=2, seed_range=(1, 3), feature_module=TinyFeatures(), cache_dir=tmp_path / "c"
@@ -219,6 +224,7 @@ def test_evaluation_shows_sampling_progress(tmp_path, ldm_sets, capsys):
 
 
 @pytest.mark.parametrize("tie", ["false", "true"])
+@pytest.mark.kernels  # the condensed network against the masked one
 def test_condensed_channel_run_samples_and_evaluates_like_the_run(tmp_path, ldm_sets, tie):
     import numpy as np
 

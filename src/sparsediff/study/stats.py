@@ -34,6 +34,7 @@ VARIANT_NAMES = {
 }
 REL_TOL = 0.05
 ALPHA = 0.05
+POWER = 0.8  # of the smallest detectable difference printed beside every "matches"
 MISSING = "–"
 # Below this many generated or reference images FID is strongly biased by n and noisy
 # (docs/evaluation.md, "Sample counts"): a few FID points between settings mean nothing.
@@ -86,6 +87,60 @@ def welch_p(a: Stat, b: Stat) -> float | None:
         warnings.simplefilter("ignore", RuntimeWarning)
         test = ttest_ind_from_stats(a.mean, a.std, a.n, b.mean, b.std, b.n, equal_var=False)
     return float(test.pvalue)
+
+
+def detectable_difference(
+    a: Stat, b: Stat, alpha: float = ALPHA, power: float = POWER, draws: int = 20_000
+) -> float | None:
+    """The smallest difference of means that the two-sided Welch t-test at ``alpha`` finds
+    with probability ``power``, for seeds drawn from normals with these counts and spreads
+    (None below two seeds on either side).
+
+    Measured by simulating the test itself (``draws`` seeded studies, the same draws for every
+    difference, so the power rises smoothly with it) rather than by the noncentral-t formula,
+    which with 3 seeds overstates the power of Welch's estimated degrees of freedom (0.70
+    where it promises 0.80). What a "matches" can and cannot rule out: a smaller gap would
+    usually go unseen.
+    """
+    if a.n < 2 or b.n < 2 or a.std is None or b.std is None:
+        return None
+    if not a.std and not b.std:
+        return 0.0
+    import numpy as np
+    from scipy.optimize import brentq
+    from scipy.stats import t
+
+    rng = np.random.default_rng(0)
+    xa, xb = rng.standard_normal((draws, a.n)) * a.std, rng.standard_normal((draws, b.n)) * b.std
+    va, vb = xa.var(axis=1, ddof=1) / a.n, xb.var(axis=1, ddof=1) / b.n
+    se = np.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1))
+    crit = t.ppf(1 - alpha / 2, df) * se  # each draw finds a difference beyond this
+    offset = xb.mean(axis=1) - xa.mean(axis=1)
+
+    def shortfall(d: float) -> float:  # power at a true difference d, minus the target
+        return float(np.mean(np.abs(offset + d) > crit)) - power
+
+    high = float(np.sqrt(a.std**2 / a.n + b.std**2 / b.n))
+    while shortfall(high) < 0:
+        high *= 2
+    return float(brentq(shortfall, 0.0, high, xtol=1e-6 * high))
+
+
+VERDICTS = ("agree", "partly", "mixed", "cannot tell", "leans against", "disagree")
+
+
+def verdict_word(for_: int, against: int, within: int) -> str:
+    """One word for a claim from its tests: how many went its way beyond the noise, against
+    it beyond the noise, and neither (within the noise, or untested). Symmetric: swapping
+    ``for_`` and ``against`` swaps agree/disagree and partly/leans against."""
+    if for_ and against:
+        return "mixed"
+    if for_:
+        return "agree" if not within else "partly"
+    if against:
+        return "disagree" if not within else "leans against"
+    return "cannot tell"
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -145,6 +200,21 @@ class Comparison:
     def word(self) -> str:
         """``beats``, ``matches`` or ``worse than``."""
         return "beats" if self.lower else "worse than" if self.higher else "matches"
+
+    @property
+    def detectable(self) -> float | None:
+        """The smallest difference this test would have found (80% power): None untested."""
+        return None if self.weak else detectable_difference(self.value, self.reference)
+
+    @property
+    def explained(self) -> str:
+        """The rule, and beside a tested "matches" the smallest difference it could see."""
+        text = (
+            self.rule if self.tolerance is None else f"tolerance {self.tolerance:.2f}, {self.rule}"
+        )
+        if self.word == "matches" and self.detectable is not None:
+            text += f"; could detect ≥ {self.detectable:.2f}"
+        return text
 
 
 @dataclass
@@ -319,11 +389,10 @@ class Verdict:
         """``RigL (p=0.05) at 50%: FID 9.50 ± 0.71 vs dense 11.00 ± 1.41, matches dense (...)``."""
         c = self.comparison
         how = {"beats": "beats dense", "matches": "matches dense"}.get(c.word, "worse than dense")
-        rule = c.rule if c.tolerance is None else f"tolerance {c.tolerance:.2f}, {c.rule}"
         weak = "; weak: single seed" if self.weak else ""
         return (
             f"{self.setting.label}: FID {self.fid.format()} vs dense {self.dense.format()}, "
-            f"{how} ({rule}{weak})"
+            f"{how} ({c.explained}{weak})"
         )
 
 
@@ -389,11 +458,14 @@ class PComparison:
             return head + "a tie."
         win, lose = (self.p_low, self.p_high) if self.low_better else (self.p_high, self.p_low)
         p = self.p_value
+        detectable = detectable_difference(self.low, self.high)
+        within = f"within the noise, Welch t-test p = {p:.3f}" if p is not None else ""
+        if within and detectable is not None:
+            within += f"; could detect ≥ {detectable:.2f}"
         firm = (
             f"Welch t-test p = {p:.3f}, beyond the noise"
             if self.conclusive
-            else "not conclusive: "
-            + (f"within the noise, Welch t-test p = {p:.3f}" if p is not None else "single seed")
+            else "not conclusive: " + (within or "single seed")
         )
         return head + f"p = {win:g} is better than p = {lose:g} ({firm})."
 
