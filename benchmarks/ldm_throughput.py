@@ -45,11 +45,12 @@ from typing import Any
 
 import torch
 
-from sparsediff.config import SparseConfig, TrainConfig
+from sparsediff.config import TrainConfig
 from sparsediff.data.latents import LatentDataset
 from sparsediff.diffusion.losses import epsilon_mse
 from sparsediff.diffusion.schedules import make_scheduler
 from sparsediff.models.unet import UNET_PRESETS, build_unet
+from sparsediff.sparsity import SparseSettings
 from sparsediff.sparsity.schedules import is_update_step
 from sparsediff.training.distributed import setup
 from sparsediff.training.loop import Task, Trainer
@@ -128,7 +129,7 @@ def build_runs(
     methods: Sequence[str],
     make_task: Callable[[], Task],
     train_cfg: TrainConfig,
-    sparse_cfg: SparseConfig,
+    sparse_cfg: SparseSettings,
     device: torch.device,
     run_root: str | Path,
     seed: int = 0,
@@ -143,7 +144,11 @@ def build_runs(
             Path(run_root) / method,
             dist,
             seed=seed,
-            sparse_cfg=dataclasses.replace(sparse_cfg, method=method),
+            sparse_cfg=dataclasses.replace(
+                sparse_cfg,
+                method=method,
+                sparsity=0.0 if method == "dense" else sparse_cfg.sparsity,
+            ),
             desc=method,
         )
         trainer.save = no_save  # type: ignore[method-assign]
@@ -329,9 +334,9 @@ def resolve_common_args(
         torch.backends.cudnn.allow_tf32 = True
 
 
-def sparse_config(args: argparse.Namespace) -> SparseConfig:
+def sparse_config(args: argparse.Namespace) -> SparseSettings:
     """Sparsity settings; constant p and no stop, so every chunk costs the same."""
-    return SparseConfig(
+    return SparseSettings(
         sparsity=args.sparsity,
         update_interval=args.update_interval,
         prune_ratio=args.prune_ratio,

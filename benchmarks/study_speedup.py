@@ -29,8 +29,8 @@ import torch
 
 from sparsediff.models.condense import condense
 from sparsediff.pipelines.base import sample_seeds
-from sparsediff.pipelines.run import load_run
 from sparsediff.study.results import RESULTS_FILE, read_results
+from sparsediff.workflows.run import load_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ldm_throughput import machine  # noqa: E402  (the shared harness, next to this file)

@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from sparsediff.config import load_config
-from sparsediff.pipelines.run import default_threads, train
+from sparsediff.pipelines import load_config
+from sparsediff.runtime import default_threads
+from sparsediff.workflows import train
 
 
 def _spin(stop: multiprocessing.Event) -> None:

@@ -240,7 +240,7 @@ def test_constant_input_through_a_padded_strided_conv_is_exact():
     x = u[:, :, None, None].expand(2, 3, 7, 9)
     want = conv(x)
     weight = conv.weight.detach().transpose(0, 1).reshape(3, -1)
-    got = cd._constant_through_conv(u, weight, conv, x.shape[2:], want.shape[2:])
+    got = cd.constant_through_conv(u, weight, conv, x.shape[2:], want.shape[2:])
     torch.testing.assert_close(got, want)
 
 
@@ -249,7 +249,7 @@ def test_trained_channel_sparse_run_condenses_exactly(
     single_thread, tmp_path, fmnist_dir, tie_stream
 ):
     from sparsediff.cli import main
-    from sparsediff.pipelines.run import load_run
+    from sparsediff.workflows.run import load_run
 
     run = tmp_path / "run"
     sets = [f"data.path={fmnist_dir}", "train.progress=false", "train.threads=1"]
@@ -263,7 +263,7 @@ def test_trained_channel_sparse_run_condenses_exactly(
     condensed, plan = cd.condense(denoiser)
     assert any(e["kind"] == "resnet" for e in plan.values())
     first = stream_groups(denoiser)[2]  # the widest segment: shortcut, conv2s, to_out
-    alive = [cd._alive(denoiser.get_parameter(name)) for name in first]
+    alive = [cd.alive(denoiser.get_parameter(name)) for name in first]
     if tie_stream:  # tied through training: the segment's writers share their dead channels
         assert all(torch.equal(a, alive[0]) for a in alive) and not alive[0].all()
         assert plan["down_blocks.1.resnets.0"]["outputs"] == alive[0].nonzero().flatten().tolist()

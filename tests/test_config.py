@@ -3,15 +3,17 @@ import tomllib
 
 import pytest
 
-from sparsediff.config import CONFIG_DIR, load_config, parse_override, read_run_config, validate
+from sparsediff.config import CONFIG_DIR, parse_override, validate
 from sparsediff.diffusion.schedules import DEFAULT_BETA_RANGE
+from sparsediff.pipelines import load_config, read_run_config
+from sparsediff.sparsity import SparseSettings
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.stem)
 def test_every_preset_loads(path):
     cfg = load_config(path.stem)
     assert cfg.name == path.stem
-    assert cfg.pipeline in ("ldm", "chirodiff")
+    assert cfg.pipeline in ("ldm", "chirodiff", "dit")
 
 
 def test_overrides_are_typed_and_checked():
@@ -48,8 +50,29 @@ def test_overrides_are_typed_and_checked():
         load_config("ldm-tiny", {"diffusion.beta_start": 0.05})  # above the default end
 
 
-def test_pipeline_name_is_left_to_the_pipelines_registry():
-    assert load_config({"pipeline": "not-registered-here"}).pipeline == "not-registered-here"
+def test_a_pipeline_that_is_not_registered_is_named():
+    with pytest.raises(ValueError, match="pipeline = 'not-registered-here'; registered: ldm"):
+        load_config({"pipeline": "not-registered-here"})
+
+
+def test_each_pipeline_owns_its_sections():
+    chiro, ldm = load_config("chirodiff-tiny"), load_config("ldm-tiny")
+    assert "autoencoder" not in chiro.to_dict() and "autoencoder" in ldm.to_dict()
+    assert "pen_threshold" in chiro.to_dict()["sample"] and "resolution" in ldm.to_dict()["data"]
+    with pytest.raises(ValueError, match="unknown config key 'autoencoder.steps'"):
+        load_config("chirodiff-tiny", {"autoencoder.steps": 3})
+    with pytest.raises(ValueError, match="unknown config key 'data.resolution'"):
+        load_config("chirodiff-tiny", {"data.resolution": 3})
+
+
+def test_a_record_of_an_older_version_still_loads(tmp_path):
+    # one schema used to serve every pipeline: a ChiroDiff record holds LDM's sections too
+    cfg = load_config("chirodiff-tiny")
+    record = cfg.to_dict()
+    record["autoencoder"] = {"kind": "vq", "steps": 400}
+    record["data"] |= {"resolution": 32, "cache_dir": ""}
+    (tmp_path / "config.json").write_text(json.dumps({"config": record}))
+    assert read_run_config(tmp_path) == cfg
 
 
 def test_omitted_beta_range_is_the_schedules_default():
@@ -100,17 +123,23 @@ def test_split_fractions_and_unet_channels_are_checked():
 
 
 def test_tie_stream_needs_channels_and_a_stream():
-    from sparsediff.config import SparseConfig
     from sparsediff.training.loop import Task, _tied
 
     sets = {"sparse.method": "rigl", "sparse.sparsity": 0.5, "sparse.tie_stream": True}
     with pytest.raises(ValueError, match="needs sparse.granularity = 'channel'"):
         load_config("ldm-tiny", sets)
     cfg = load_config("ldm-tiny", {**sets, "sparse.granularity": "channel"})
-    assert cfg.sparse.tie_stream and "tie_stream" not in cfg.sparse.engine_settings()
+    assert cfg.sparse.tie_stream
     streamless = Task(model=None, dataset=None, loss=None)  # e.g. ChiroDiff's GRU denoiser
     with pytest.raises(ValueError, match="no residual stream to tie"):
         _tied(streamless, cfg.sparse)
-    assert _tied(streamless, SparseConfig()) == []
+    assert _tied(streamless, SparseSettings()) == []
     groups = [["a.weight", "b.weight"]]
     assert _tied(Task(None, None, None, stream_groups=groups), cfg.sparse) == groups
+
+
+def test_a_dense_run_records_no_sparsity():
+    # one set of engine rules: dense ignores sparsity, and the run's config says what ran
+    cfg = load_config("ldm-tiny", {"sparse.method": "dense"})
+    assert cfg.sparse.method == "dense" and cfg.sparse.sparsity == 0.0
+    assert load_config("ldm-tiny").sparse.sparsity == 0.5  # the preset's RigL keeps its own

@@ -13,9 +13,10 @@ from sparsediff.cli import main
 from sparsediff.diffusion.samplers import SamplingSettings
 from sparsediff.diffusion.schedules import DDIM_DEFAULTS
 from sparsediff.pipelines.base import sample_seeds
-from sparsediff.pipelines.export import export_run, load_exported_chirodiff
-from sparsediff.pipelines.run import load_run
+from sparsediff.pipelines.chirodiff import load_exported_chirodiff
 from sparsediff.weights import load_weights
+from sparsediff.workflows.export import export_run
+from sparsediff.workflows.run import load_run
 
 # float results compared across two computations: CI runs these under other CPU kernels too
 pytestmark = pytest.mark.kernels

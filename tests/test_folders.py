@@ -15,8 +15,8 @@ from sparsediff.cli import main
 from sparsediff.folders import RUN_ENTRIES, foreign
 from sparsediff.locks import LockedError, hold, wait_for
 from sparsediff.pipelines import PIPELINES
-from sparsediff.pipelines.run import run_entries
 from sparsediff.study.results import read_results
+from sparsediff.workflows.run import run_entries
 
 CHIRO = ["train.progress=false", "train.device=cpu", "data.max_train=24"]
 
@@ -176,7 +176,7 @@ DRIVER = """
 import sys
 import torch
 from torch import nn
-from sparsediff.pipelines import evaluate, noise_floors
+from sparsediff.workflows import evaluate, noise_floors
 from sparsediff.study.sweep import run_study
 
 class Features(nn.Module):
@@ -191,7 +191,7 @@ class Features(nn.Module):
 
 def evaluate_fn(run_dir, num_samples, seed):
     return evaluate(run_dir, num_samples, seed=seed, feature_module=Features(),
-                    cache_dir=sys.argv[3], progress=False)
+                    cache_dir=sys.argv[3], progress=False).to_dict()
 
 def floors_fn(run_dir):
     return noise_floors(run_dir, feature_module=Features(), cache_dir=sys.argv[3], progress=False)

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from sparsediff import runtime
 from sparsediff.cli import main
 from sparsediff.data.strokes import load_npz_safe, load_stroke3_npz
-from sparsediff.pipelines import run as run_module
 from sparsediff.training.loop import Trainer
+from sparsediff.workflows import run as run_module
 
 VOLATILE = {"time", "steps_per_s", "update_time_s"}
 LDM = [
@@ -147,7 +148,7 @@ def _bad_input(capsys, code, *names):
         ("train.lr=-1.0", "train.lr"),
         ("train.checkpoint_every=-1", "train.checkpoint_every"),
         ("diffusion.beta_end=1.5", "diffusion.beta"),
-        ("sparse.method=dense", "sparse.sparsity"),
+        ("sparse.sparsity=1.0", "sparse.sparsity"),
         ("eval.num_samples=1", "eval.num_samples"),
     ],
 )
@@ -230,15 +231,15 @@ def test_npz_reads_only_the_members_it_needs(tmp_path):
 
 
 def test_threads_default_is_half_the_cores(monkeypatch):
-    monkeypatch.setattr(run_module.os, "cpu_count", lambda: 2)
-    assert run_module.default_threads() == 1
-    monkeypatch.setattr(run_module.os, "cpu_count", lambda: 64)
-    assert run_module.default_threads() == 8
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    assert runtime.default_threads() == 1
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 64)
+    assert runtime.default_threads() == 8
 
 
 def test_a_run_and_the_places_it_shares_can_be_moved_together(tmp_path, fmnist_dir):
-    from sparsediff.config import load_config
-    from sparsediff.pipelines import train
+    from sparsediff.pipelines import load_config
+    from sparsediff.workflows import train
 
     sets = {"data.path": str(fmnist_dir), "train.progress": False, "train.device": "cpu"}
     sets |= {"autoencoder.dir": "../shared/autoencoder", "data.cache_dir": "../shared/latents"}

@@ -116,7 +116,7 @@ def test_listings_have_one_line_per_file():
     assert list(presets) == sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
     assert list(studies) == sorted(p.stem for p in STUDY_DIR.glob("*.toml"))
     assert presets["ldm-fashion-mnist"].startswith("Latent Diffusion on the built-in Fashion-MNIST")
-    assert studies["quick"].startswith("The quick study")
+    assert studies["quick"].startswith("The main job")
     for about in [*presets.values(), *studies.values()]:
         assert about and "\n" not in about and not about.startswith("#")
 

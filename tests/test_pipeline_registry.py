@@ -9,8 +9,9 @@ from torch import nn
 from sparsediff.cli import main
 from sparsediff.diffusion.losses import epsilon_mse
 from sparsediff.imaging import to_uint8
-from sparsediff.pipelines import PIPELINES, Pipeline, evaluate, get_pipeline
+from sparsediff.pipelines import PIPELINES, Pipeline, get_pipeline
 from sparsediff.training.loop import Task
+from sparsediff.workflows import evaluate
 
 
 class ToyNet(nn.Module):
@@ -100,11 +101,34 @@ def test_unknown_pipeline_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "pipeline = 'dit'" in capsys.readouterr().err
 
 
+SQUARES_PRESET = """
+pipeline = "squares"  # the shared sections only: Squares declares no data or model section
+[sparse]
+method = "rigl"
+sparsity = 0.5
+update_interval = 2
+[train]
+steps = 6
+batch_size = 8
+lr = 1e-3
+progress = false
+device = "cpu"
+[sample]
+steps = 4
+num = 4
+[eval]
+num_samples = 6
+batch_size = 4
+steps = 4
+reference_size = 8
+"""
+
+
 def test_toy_pipeline_trains_samples_and_evaluates(tmp_path, squares, single_thread):
     run = tmp_path / "run"
-    sets = ["pipeline=squares", "train.progress=false", "train.device=cpu", "sparse.sparsity=0.5"]
-    args = ["train", "ldm-tiny", "--run-dir", str(run)]
-    assert main(args + [x for s in sets for x in ("--set", s)]) == 0
+    preset = tmp_path / "squares.toml"
+    preset.write_text(SQUARES_PRESET)
+    assert main(["train", str(preset), "--run-dir", str(run)]) == 0
     done = json.loads((run / "done.json").read_text())
     assert done["step"] == 6 and done["sparse"]["density"] == pytest.approx(0.5, abs=0.02)
     assert (run / "samples.png").exists() and (run / "model.safetensors").exists()
@@ -113,6 +137,6 @@ def test_toy_pipeline_trains_samples_and_evaluates(tmp_path, squares, single_thr
     record = evaluate(
         run, feature_module=MeanFeatures(), cache_dir=tmp_path / "cache", device="cpu"
     )
-    assert record["metrics"]["num_fake"] == 6
-    assert record["cost"]["inference_flops"] < record["cost"]["inference_flops_dense"]
-    assert record["protocol"]["reference"]["dataset"] == "squares"
+    assert record.metrics["num_fake"] == 6
+    assert record.cost.inference_flops < record.cost.inference_flops_dense
+    assert record.protocol["reference"]["dataset"] == "squares"

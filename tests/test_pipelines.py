@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sparsediff.cli import main
-from sparsediff.pipelines import evaluate, noise_floors
+from sparsediff.workflows import evaluate, noise_floors
+from sparsediff.workflows.evaluation import PartialEvaluation
 
 
 class TinyFeatures(nn.Module):
@@ -72,26 +73,26 @@ def test_ldm_tiny_end_to_end(tmp_path, ldm_sets):
     )
     assert (tmp_path / "g.png").exists()
     record = evaluate(run, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache")
-    m, c = record["metrics"], record["cost"]
+    m, c = record.metrics, record.cost
     assert m["num_fake"] == 6 and m["fid"] >= 0
-    assert c["params_nonzero"] < c["params_total"]
-    assert c["inference_flops"] < c["inference_flops_dense"]
-    assert c["sample_flops"] == pytest.approx(4 * c["inference_flops"] + c["decode_flops"])
-    assert c["train_flops"] < c["train_flops_dense"]
+    assert c.params_nonzero < c.params_total
+    assert c.inference_flops < c.inference_flops_dense
+    assert c.sample_flops == pytest.approx(4 * c.inference_flops + c.decode_flops)
+    assert c.train_flops < c.train_flops_dense
     assert list(run.glob("eval-ddim4-eta0-n6-seed0-ema.json"))
-    assert record["protocol"]["reference"]["split"] == "test"
+    assert record.protocol["reference"]["split"] == "test"
     # a split evaluation (seed ranges) gives exactly the samples of an unsplit one
     partial = evaluate(
         run, seed=1, seed_range=(0, 4), feature_module=TinyFeatures(), cache_dir=tmp_path / "cache"
     )
-    assert partial["partial"] and partial["shards"] == [(0, 4)]
+    assert isinstance(partial, PartialEvaluation) and partial.shards == [(0, 4)]
     split = evaluate(
         run, seed=1, seed_range=(4, 6), feature_module=TinyFeatures(), cache_dir=tmp_path / "cache"
     )
     other = tmp_path / "copy"
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("eval"))
     whole = evaluate(other, seed=1, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache")
-    assert split["metrics"] == whole["metrics"]
+    assert split.metrics == whole.metrics
     # the batch size changes only speed (and float rounding): one sample at a time, same samples
     third = tmp_path / "third"
     shutil.copytree(run, third, ignore=shutil.ignore_patterns("eval"))
@@ -110,7 +111,7 @@ def test_ldm_tiny_end_to_end(tmp_path, ldm_sets):
     done = evaluate(
         run, seed=2, seed_range=(0, 6), feature_module=TinyFeatures(), cache_dir=tmp_path / "c"
     )
-    assert done["metrics"]["num_fake"] == 6
+    assert done.metrics["num_fake"] == 6
 
 
 def test_ldm_resume_through_cli_is_exact(tmp_path, ldm_sets):
@@ -197,7 +198,7 @@ def test_autoencoder_fingerprint_is_computed_once_per_run(tmp_path, ldm_sets, mo
 
 
 def test_a_crash_while_writing_a_shard_leaves_no_shard(tmp_path, ldm_sets, monkeypatch):
-    import sparsediff.pipelines.evaluation as evaluation
+    import sparsediff.workflows.evaluation as evaluation
 
     run = tmp_path / "run"
     train("ldm-tiny", run, *ldm_sets)
@@ -212,7 +213,7 @@ def test_a_crash_while_writing_a_shard_leaves_no_shard(tmp_path, ldm_sets, monke
             evaluate(run, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache")
     assert not list((run / "eval").rglob("samples-*.safetensors"))
     record = evaluate(run, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache")
-    assert record["metrics"]["num_fake"] == 6
+    assert record.metrics["num_fake"] == 6
 
 
 def test_evaluation_shows_sampling_progress(tmp_path, ldm_sets, capsys):
@@ -243,11 +244,11 @@ def test_condensed_channel_run_samples_and_evaluates_like_the_run(tmp_path, ldm_
         assert main(["sample", str(d), "--num", "3", "--steps", "3", "--out", str(out)]) == 0
     a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("run", "small"))
     assert np.abs(a - b).max() <= 1  # same samples up to float rounding
-    full = evaluate(run, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache")["cost"]
-    cut = evaluate(small, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache")["cost"]
-    assert cut["params_total"] < full["params_total"] == cut["params_dense_total"]
-    assert cut["inference_flops"] < cut["inference_flops_dense"] == full["inference_flops_dense"]
-    assert cut["train_flops"] == pytest.approx(full["train_flops"])
+    full = evaluate(run, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache").cost
+    cut = evaluate(small, feature_module=TinyFeatures(), cache_dir=tmp_path / "cache").cost
+    assert cut.params_total < full.params_total == cut.params_dense_total
+    assert cut.inference_flops < cut.inference_flops_dense == full.inference_flops_dense
+    assert cut.train_flops == pytest.approx(full.train_flops)
 
 
 def test_noise_floors_and_scores_against_reconstructions(tmp_path, ldm_sets):
@@ -267,8 +268,8 @@ def test_noise_floors_and_scores_against_reconstructions(tmp_path, ldm_sets):
 
     # scored against the reconstructions of the reference images too: a different number
     record = evaluate(run, feature_module=TinyFeatures(), cache_dir=cache)
-    vs_recon = record["metrics_vs_reconstructions"]
-    assert vs_recon["num_real"] == 8 and vs_recon["fid"] != record["metrics"]["fid"]
+    vs_recon = record.metrics_vs_reconstructions
+    assert vs_recon["num_real"] == 8 and vs_recon["fid"] != record.metrics["fid"]
     # the reconstructions' features are cached under their own key, beside the images'
     assert len(list(cache.rglob("*.safetensors"))) == 4  # ref, 2nd set, and each reconstructed
 
@@ -296,18 +297,18 @@ def test_chirodiff_floors_have_no_first_stage(tmp_path):
     assert "offset" not in floors["protocol"]["second_set"]  # another split: from its start
     assert "split_fractions" in floors["protocol"]["reference"]
     record = evaluate(run, feature_module=TinyFeatures(), cache_dir=tmp_path / "c")
-    assert "metrics_vs_reconstructions" not in record
+    assert record.metrics_vs_reconstructions is None
 
 
 def test_evaluation_warns_of_fewer_references_than_asked_or_than_samples(tmp_path, ldm_sets):
     run = tmp_path / "run"
     train("ldm-tiny", run, *ldm_sets, "eval.reference_size=100000")
     record = evaluate(run, 20, feature_module=TinyFeatures(), cache_dir=tmp_path / "c")
-    assert record["metrics"]["num_real"] == 16  # all the split holds, and it says so
-    first, second = record["warnings"]
+    assert record.metrics["num_real"] == 16  # all the split holds, and it says so
+    first, second = record.warnings
     assert "eval.reference_size = 100000, but the test split has only 16" in first
     assert "20 samples against 16 references" in second
-    assert json.loads(Path(record["record"]).read_text())["warnings"] == record["warnings"]
+    assert json.loads(Path(record.record).read_text())["warnings"] == record.warnings
 
 
 def test_a_study_on_a_split_too_small_for_floors_says_so_and_finishes(tmp_path):
@@ -323,7 +324,7 @@ def test_a_study_on_a_split_too_small_for_floors_says_so_and_finishes(tmp_path):
     run_study(
         study,
         tmp_path / "out",
-        evaluate_fn=lambda run, n, seed: evaluate(run, n, seed=seed, **kw),
+        evaluate_fn=lambda run, n, seed: evaluate(run, n, seed=seed, **kw).to_dict(),
         floors_fn=lambda run: noise_floors(run, **kw),
         progress=False,
     )

@@ -14,8 +14,13 @@ from sparse_helpers import (
 )
 from torch import nn
 
-from sparsediff.config import SparseConfig
-from sparsediff.sparsity import METHODS, SparseTraining, check_settings, parse_granularity
+from sparsediff.sparsity import (
+    METHODS,
+    SparseSettings,
+    SparseTraining,
+    check_settings,
+    parse_granularity,
+)
 from sparsediff.sparsity.granularity import NM, Channel, Unstructured
 from sparsediff.sparsity.methods import MagRan, Method, RigL
 
@@ -163,30 +168,31 @@ def test_parse_granularity_and_nm_sparsity_rule():
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"^granularity must be"):
-        SparseTraining(model, opt, granularity="2-4", total_steps=100)
+        SparseTraining(model, opt, method="rigl", granularity="2-4", total_steps=100)
     with pytest.raises(ValueError, match=r"^sparsity must be 0\.75"):
-        SparseTraining(model, opt, sparsity=0.5, granularity="1:4", total_steps=100)
+        SparseTraining(model, opt, method="rigl", sparsity=0.5, granularity="1:4", total_steps=100)
     assert len(opt._optimizer_step_post_hooks) == 0
 
 
 @pytest.mark.filterwarnings("ignore:granularity .* cannot apply:UserWarning")
-def test_sparse_config_granularity_reaches_the_engine_rules():
-    cfg = SparseConfig(method="static", sparsity=0.5, granularity="2:4")
-    rules = cfg.engine_settings()  # all but the parameter patterns and the stream ties
-    check_settings(**rules, prefix="sparse.")
+def test_sparse_settings_granularity_reaches_the_engine_rules():
+    settings = SparseSettings(method="static", sparsity=0.5, granularity="2:4")
+    settings.check("sparse.")
     model = _net()
     sparse = SparseTraining(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), **rules, total_steps=100
+        model, torch.optim.SGD(model.parameters(), lr=0.1), settings, total_steps=100
     )
-    assert sparse.granularity == "2:4" and SparseConfig().granularity == "unstructured"
+    assert sparse.granularity == "2:4" and SparseSettings().granularity == "unstructured"
+    assert sparse.settings == settings
     with pytest.raises(ValueError, match=r"^sparse\.granularity"):
-        check_settings(**{**rules, "granularity": "rows"}, prefix="sparse.")
+        SparseSettings.of(settings, granularity="rows").check("sparse.")
 
 
 def _two_four(model):
     return SparseTraining(
         model,
         torch.optim.SGD(model.parameters(), lr=0.1),
+        method="rigl",
         sparsity=0.5,
         granularity="2:4",
         total_steps=100,
@@ -304,7 +310,11 @@ def test_load_state_dict_checks_granularity_and_reads_old_states():
     )
     model2 = _net()
     other = SparseTraining(
-        model2, torch.optim.SGD(model2.parameters(), lr=0.1), method="static", total_steps=100
+        model2,
+        torch.optim.SGD(model2.parameters(), lr=0.1),
+        method="static",
+        sparsity=0.5,
+        total_steps=100,
     )
     with pytest.raises(ValueError, match="granularity='channel'"):
         other.load_state_dict(sparse.state_dict())

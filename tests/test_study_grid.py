@@ -172,10 +172,15 @@ def test_quick_and_extended_presets():
     quick = load_study(STUDIES / "quick.toml")
     cells = expand_grid(quick)
     assert [d.preset for d in quick.datasets] == ["ldm-fashion-mnist", "chirodiff-kanjivg"]
-    assert len(cells) == 8
-    assert all(c.sparsity in (0.0, 0.5) for c in cells)
-    # a smoke budget cut from the calibrated presets, which the evidence study uses as they are
-    assert all(c.overrides["train.steps"] <= 400 for c in cells)
+    assert [c.id for c in cells] == [
+        "fashion-mnist/dense-seed0",
+        "fashion-mnist/rigl-s0.50-p0.05-seed0",
+        "kanjivg/dense-seed0",
+        "kanjivg/rigl-s0.50-p0.05-seed0",
+    ]
+    # a demonstration budget cut from the calibrated presets, which the evidence study uses as
+    # they are (ldm-fashion-mnist: 4000 UNet steps, chirodiff-kanjivg: 4300)
+    assert all(c.overrides["train.steps"] <= 1500 for c in cells)
     assert all(c.overrides["eval.num_samples"] == 64 for c in cells)
     evidence = load_study(STUDIES / "evidence.toml")
     assert all(not d.overrides for d in evidence.datasets)

@@ -6,7 +6,6 @@ import math
 import numpy as np
 from PIL import Image
 
-from sparsediff.pipelines.evaluation import cost_fields
 from sparsediff.sparsity.flops import FlopReport
 from sparsediff.study.plots import compose_samples, fid_vs_flops_figure, fid_vs_sparsity_figure
 from sparsediff.study.report import (
@@ -26,6 +25,7 @@ from sparsediff.study.stats import (
     safe_values,
     sample_sizes,
 )
+from sparsediff.workflows.evaluation import Cost
 
 COST_KEYS = {
     "params_total",
@@ -85,7 +85,7 @@ def _record(dataset, method, p, sparsity, seed, fid, samples=None):
         "seed": seed,
         "metrics": {"fid": fid, "kid_mean": 0.002 + 0.001 * seed, "precision": 0.6, "recall": 0.4},
         # through the evaluation's own record function: 1000 training samples seen
-        "cost": cost_fields(
+        "cost": Cost.of(
             params_total=2000,
             params_nonzero=2000 * density,
             inference=FlopReport(dense=1e9, sparse=1e9 * density, per_layer={}, other=0),
@@ -94,7 +94,7 @@ def _record(dataset, method, p, sparsity, seed, fid, samples=None):
             train_step_flops=3e9 * density * (1.1 if method == "rigl" else 1.0),
             samples_seen=1000,
             seconds_per_sample=0.25 + 0.1 * seed,  # dense over seeds 0, 1: 0.30 s per sample
-        ),
+        ).to_dict(),
         "protocol": PROTOCOL,
         "samples_grid": samples,
         "run_dir": f"runs/{dataset}/{method}",

@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from sparsediff.cli import main
-from sparsediff.pipelines import evaluate
 from sparsediff.training.tensorboard import EventLog, available, stage_dir
+from sparsediff.workflows import evaluate
 
 TRAIN_SCALARS = ("loss", "lr", "density", "churn", "itop_rate", "update_time_s", "steps_per_s")
 
@@ -76,9 +76,9 @@ def test_training_scalars_grids_and_evaluation(tmp_path, single_thread):
         run, feature_module=MeanFeatures(), cache_dir=tmp_path / "cache", progress=False
     )
     events = read_events(run)
-    name = Path(record["record"]).stem  # eval-ddpm10-eta0-n6-seed0-ema
+    name = Path(record.record).stem  # eval-ddpm10-eta0-n6-seed0-ema
     fid = events.Scalars(f"{name}/fid")
-    assert [(e.step, e.value) for e in fid] == [(6, pytest.approx(record["metrics"]["fid"]))]
+    assert [(e.step, e.value) for e in fid] == [(6, pytest.approx(record.metrics["fid"]))]
     assert {f"{name}/{k}" for k in ("kid_mean", "precision", "recall")} <= set(
         events.Tags()["scalars"]
     )

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sparsediff.config import SparseConfig, TrainConfig
+from sparsediff.config import TrainConfig
+from sparsediff.sparsity import SparseSettings
 from sparsediff.training import checkpoint
 from sparsediff.training.distributed import Dist
 from sparsediff.training.loop import EpochBatches, Task, Trainer, learning_rate
@@ -42,7 +43,7 @@ def trainer(run_dir, stop_at=0, steps=12):
         stop_at=stop_at,
         progress=False,
     )
-    sparse = SparseConfig(method="rigl", sparsity=0.6, update_interval=2, prune_ratio=0.3)
+    sparse = SparseSettings(method="rigl", sparsity=0.6, update_interval=2, prune_ratio=0.3)
     return Trainer(make_task(), cfg, run_dir, CPU, seed=1, sparse_cfg=sparse)
 
 

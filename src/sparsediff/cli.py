@@ -14,18 +14,12 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import sparsediff
-from sparsediff.config import (
-    absolute_paths,
-    list_presets,
-    list_studies,
-    load_config,
-    parse_override,
-    study_path,
-)
+from sparsediff.config import list_presets, list_studies, parse_override, study_path
 from sparsediff.diffusion.samplers import SAMPLERS
 
 EPILOG = """\
@@ -127,11 +121,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     for flag, key in SHORTCUTS.items():
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
-    cfg = load_config(args.config, absolute_paths(overrides))
+    from sparsediff.pipelines import load_config  # the pipelines own their config sections
+    from sparsediff.workflows import train
+
+    cfg = load_config(args.config, overrides, paths_from_cwd=True)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    from sparsediff.pipelines import train
 
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg.name, overrides)
     s = cfg.sparse
@@ -155,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Sample a grid from a finished run."""
-    from sparsediff.pipelines import write_samples
+    from sparsediff.workflows import write_samples
 
     out = args.out or Path(args.run_dir) / f"samples-seed{args.seed}-n{args.num}.png"
     _say(f"sampling {args.num} from {args.run_dir} into {out}")
@@ -174,7 +170,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a finished run with the documented protocol."""
-    from sparsediff.pipelines import evaluate
+    from sparsediff.workflows.evaluation import PartialEvaluation, evaluate
 
     seeds = args.seed_range
     _say(f"evaluating {args.run_dir} (records go into the run directory)")
@@ -188,24 +184,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         **_sampling(args),
     )
-    if record.get("partial"):
-        _say(f"samples {seeds[0]}..{seeds[1] - 1} done; shards so far: {record['shards']}")
-    else:
-        m = record["metrics"]
-        _say(
-            f"FID {m['fid']:.2f}, KID {m['kid_mean']:.4f} ± {m['kid_std']:.4f}, precision "
-            f"{m['precision']:.3f}, recall {m['recall']:.3f} ({m['num_fake']} vs "
-            f"{m['num_real']} images); record: {record['record']}"
-        )
-    for warning in record.get("warnings", []):
+    if isinstance(record, PartialEvaluation):
+        _say(f"samples {seeds[0]}..{seeds[1] - 1} done; shards so far: {record.shards}")
+        _json(args, {"partial": True, "protocol": record.protocol, "shards": record.shards})
+        return 0
+    m = record.metrics
+    _say(
+        f"FID {m['fid']:.2f}, KID {m['kid_mean']:.4f} ± {m['kid_std']:.4f}, precision "
+        f"{m['precision']:.3f}, recall {m['recall']:.3f} ({m['num_fake']} vs "
+        f"{m['num_real']} images); record: {record.record}"
+    )
+    for warning in record.warnings:
         print(f"sparsediff: warning: {warning}", file=sys.stderr)
-    _json(args, record)
+    _json(args, {**record.to_dict(), "record": record.record})
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a finished run: a diffusers folder (LDM) or weights + config (ChiroDiff)."""
-    from sparsediff.pipelines.export import export_run
+    from sparsediff.workflows.export import export_run
 
     _say(f"exporting {args.run_dir} into {args.out}")
     compact = args.compact or bool(args.dtype)
@@ -219,7 +216,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_condense(args: argparse.Namespace) -> int:
     """Condense a finished channel-sparse run: a smaller dense network, same samples."""
-    from sparsediff.pipelines.export import condense_run
+    from sparsediff.workflows.export import condense_run
 
     _say(f"condensing {args.run_dir} into {args.out}")
     info = condense_run(args.run_dir, args.out, overwrite=args.overwrite)
@@ -272,6 +269,9 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
         return super()._get_help_string(action)
 
 
+Command = Callable[[str, str, Callable[[argparse.Namespace], int]], argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every option documented in ``--help``)."""
     parser = _Parser(
@@ -292,12 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     common.add_argument("--json", action="store_true", help="also print the full record")
 
-    def command(name: str, about: str, func: Any) -> argparse.ArgumentParser:
+    def command(name: str, about: str, func: Callable[[argparse.Namespace], int]) -> Any:
         p = sub.add_parser(name, help=about, description=about, parents=[common])
         p.formatter_class = _Help
         p.set_defaults(func=func)
         return p
 
+    for add in (_train_parser, _sample_parser, _export_parser, _condense_parser):
+        add(command)
+    _evaluate_parser(command)
+    command("presets", "list the presets and the studies", cmd_presets)
+    _study_parsers(command)
+    return parser
+
+
+def _train_parser(command: Command) -> None:
     p = command("train", "train a run", cmd_train)
     p.add_argument(
         "config", help="preset name (see 'sparsediff presets'), a TOML path or a run's config.json"
@@ -317,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --run-dir from its checkpoints, with its own settings",
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="delete the run in --run-dir and start again"
+        "--overwrite",
+        action="store_true",
+        help="delete the run's files in --run-dir and start again (refused where the folder "
+        "holds anything else)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     for flag, key in SHORTCUTS.items():
@@ -325,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {"device": str, "precision": str}.get(flag, int)
             p.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=f"sets {key}")
 
+
+def _sample_parser(command: Command) -> None:
     p = command("sample", "write a grid of samples from a finished run", cmd_sample)
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--num", type=_at_least(1), default=16, help="number of samples")
@@ -339,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="output PNG (unset: RUN_DIR/samples-seedS-nN.png); sketches add SVGs"
     )
 
+
+def _export_parser(command: Command) -> None:
     p = command("export", "export a finished run (diffusers folder, model card)", cmd_export)
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--out", required=True, help="export folder")
@@ -350,13 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fp16", "bf16"),
         help="compact values in 16 bits (lossy; implies --compact)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an export in --out")
 
+
+def _condense_parser(command: Command) -> None:
     p = command("condense", "remove dead channels: a smaller network, same samples", cmd_condense)
     p.add_argument("run_dir", help="a finished (channel-sparse) run directory")
     p.add_argument("--out", required=True, help="folder for the condensed model")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a condensed model in --out")
 
+
+def _evaluate_parser(command: Command) -> None:
     p = command("evaluate", "FID/KID/precision/recall, parameters and FLOPs", cmd_evaluate)
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument(
@@ -386,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
-    command("presets", "list the presets and the studies", cmd_presets)
 
+def _study_parsers(command: Command) -> None:
     p = command("study", "run a sweep: datasets x methods x sparsity x p x seeds", cmd_study)
     p.add_argument("study", help="study name (see 'sparsediff presets') or a study TOML path")
     p.add_argument("--out", help="study directory (unset: the study's out_dir)")
@@ -399,21 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the cells whose id matches this glob (e.g. 'kanjivg/*-seed1'); repeatable: "
         "run a study in parts, in several processes or on several machines",
     )
-
     p = command("report", "write a study's Markdown report, plots and sample grids", cmd_report)
     p.add_argument("study_dir", help="a study directory holding results.jsonl")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sparsediff`` command."""
     args = build_parser().parse_args(argv)
     if args.command != "train":  # a run sets its own threads (train.threads)
-        import torch
+        from sparsediff.runtime import set_threads
 
-        from sparsediff.pipelines.run import default_threads
-
-        torch.set_num_threads(args.threads or default_threads())
+        set_threads(args.threads or 0)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """Latent cache: encode an image dataset once with the first stage and reuse it across runs.
 
-The cache is a safetensors file (``latents``: ``(N, C, h, w)``) whose metadata holds a JSON
+The cache is a safetensors file (``latents``: ``(N, C, h, w)``, and ``labels``: ``(N,)`` when the
+dataset has class labels, for class-conditional models) whose metadata holds a JSON
 record of the encoder fingerprint, the dataset identity, caller-supplied extras and the
 latent statistics. A cache whose record differs from the current request is rebuilt.
 
@@ -30,7 +31,7 @@ from sparsediff.io import atomic_write
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: class labels kept beside the latents, when the dataset has them
 _META_KEY = "sparsediff_latents"
 # Entries of the record that must match for a cache hit; the rest are statistics.
 _KEY_FIELDS = ("version", "ae_fingerprint", "dataset", "extra", "dtype")
@@ -47,11 +48,16 @@ class LatentDataset(Dataset):
     """
 
     def __init__(
-        self, latents: torch.Tensor, meta: dict[str, Any], path: Path | None = None
+        self,
+        latents: torch.Tensor,
+        meta: dict[str, Any],
+        path: Path | None = None,
+        labels: torch.Tensor | None = None,
     ) -> None:
         self.latents = latents
         self.meta = meta
         self.path = path
+        self.labels = labels  # (N,) class labels when the dataset has them
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -104,6 +110,54 @@ def _latent_stats(chunks: list[torch.Tensor]) -> dict[str, Any]:
     }
 
 
+class _Indexed(Dataset):
+    """A dataset's items with their indices (None stays None: an unreadable item)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any] | None:
+        item = self.dataset[index]
+        if isinstance(item, list | tuple):  # (image, label, ...) datasets
+            item = item[0]
+        return None if item is None else (index, item)
+
+
+def _encode_all(
+    loader: DataLoader,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    progress: bool,
+    identity: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every readable image's latent, and which items they are."""
+    chunks, kept = [], []
+    with torch.no_grad():
+        for batch in tqdm(loader, disable=not progress, desc="encoding latents"):
+            if batch is None:
+                continue
+            indices, images = batch
+            chunks.append(encode(images.to(device)).float().cpu())
+            kept.append(indices)
+    if not chunks:
+        raise ValueError(f"no readable images in dataset {identity}; nothing to encode")
+    return torch.cat(chunks), torch.cat(kept)
+
+
+def _report_skipped(dataset: Dataset, count: int, identity: dict[str, Any]) -> None:
+    skipped = len(dataset) - count
+    if skipped:
+        detail = getattr(dataset, "pop_skipped_report", lambda: None)()
+        tqdm.write(
+            f"latent cache: skipped {skipped} unreadable image(s) of {len(dataset)} "
+            f"while encoding {identity.get('name', 'data')}" + (f" ({detail})" if detail else ""),
+            file=sys.stderr,
+        )
+
+
 class LatentCache:
     """Builds or loads cached first-stage latents of a dataset (see :meth:`build_or_load`)."""
 
@@ -125,7 +179,8 @@ class LatentCache:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()[_META_KEY])
             latents = f.get_tensor("latents")
-        return LatentDataset(latents, meta, path=path)
+            labels = f.get_tensor("labels") if "labels" in f.keys() else None
+        return LatentDataset(latents, meta, path=path, labels=labels)
 
     @staticmethod
     def _read_record(path: Path) -> dict[str, Any] | None:
@@ -183,44 +238,27 @@ class LatentCache:
         if record is not None:
             changed = [k for k in _KEY_FIELDS if record.get(k) != key[k]]
             log.info("latent cache %s is stale (%s differ); re-encoding", path, ", ".join(changed))
-
         device = torch.device("cpu" if device is None else device)
         loader = DataLoader(
-            dataset,
+            _Indexed(dataset),
             batch_size=batch_size,
             shuffle=False,
             num_workers=num_workers,
             collate_fn=collate_skip_none,
         )
-        chunks: list[torch.Tensor] = []
-        with torch.no_grad():
-            for batch in tqdm(loader, disable=not progress, desc="encoding latents"):
-                if batch is None:
-                    continue
-                if isinstance(batch, list | tuple):  # (image, label, ...) datasets
-                    batch = batch[0]
-                chunks.append(encode(batch.to(device)).float().cpu())
-        if not chunks:
-            raise ValueError(f"no readable images in dataset {identity}; nothing to encode")
-        stats = _latent_stats(chunks)
-        latents = torch.cat(chunks)
-        skipped = len(dataset) - latents.shape[0]
-        if skipped:
-            detail = getattr(dataset, "pop_skipped_report", lambda: None)()
-            tqdm.write(
-                f"latent cache: skipped {skipped} unreadable image(s) of {len(dataset)} "
-                f"while encoding {identity.get('name', 'data')}"
-                + (f" ({detail})" if detail else ""),
-                file=sys.stderr,
-            )
+        latents, kept = _encode_all(loader, encode, device, progress, identity)
+        _report_skipped(dataset, len(kept), identity)
+        tensors = {"latents": latents.to(dtype).contiguous()}
+        labels = getattr(dataset, "labels", None)  # class labels, kept with their latents
+        if labels is not None:
+            tensors["labels"] = torch.as_tensor(labels)[kept].long().contiguous()
         meta = {
             **key,
-            **stats,
+            **_latent_stats(list(latents.split(batch_size))),
             "count": latents.shape[0],
-            "skipped": skipped,
+            "skipped": len(dataset) - latents.shape[0],
             "latent_shape": list(latents.shape[1:]),
         }
-        tensors = {"latents": latents.to(dtype).contiguous()}
         metadata = {_META_KEY: json.dumps(meta)}
         # Atomic: a crashed run never leaves a half-written cache under the real name.
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))

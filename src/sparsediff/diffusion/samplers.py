@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 from sparsediff.diffusion.schedules import DDIM_DEFAULTS
+from sparsediff.sections import Section, at_least
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddim", "ddpm")
@@ -43,6 +44,26 @@ class SamplingSettings:
             raise ValueError(
                 f"eta and variance_scale must be >= 0, got {self.eta}, {self.variance_scale}"
             )
+
+
+@dataclass
+class SampleConfig(Section):
+    """A run's ``sample`` section: the sampler of its sample grids (training-time and
+    ``sparsediff sample``)."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "sampler": SAMPLERS,
+        "steps": at_least(1),
+        "eta": at_least(0),
+        "num": at_least(1),
+        "variance_scale": at_least(0),
+    }
+
+    sampler: str = "ddim"  # ddim | ddpm
+    steps: int = 50
+    eta: float = 0.0
+    num: int = 16
+    variance_scale: float = 1.0  # ddpm noise strength (ChiroDiff's variance factor)
 
 
 def _config_dict(scheduler_config: Any) -> tuple[dict[str, Any], str | None]:

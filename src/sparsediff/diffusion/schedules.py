@@ -16,7 +16,10 @@ Kinds:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sparsediff.sections import Section, at_least
 
 if TYPE_CHECKING:
     from diffusers import DDIMScheduler, DDPMScheduler
@@ -29,6 +32,41 @@ DEFAULT_BETA_RANGE: dict[str, tuple[float, float]] = {
     "linear": (1e-4, 2e-2),
     "cosine": (0.0, 0.0),
 }
+
+
+@dataclass
+class ScheduleConfig(Section):
+    """A run's ``diffusion`` section: the noise schedule of the forward process."""
+
+    _RULES: ClassVar[dict[str, Any]] = {"schedule": SCHEDULE_KINDS, "timesteps": at_least(1)}
+
+    schedule: str = "ldm"  # ldm (linear in sqrt beta) | linear (ChiroDiff) | cosine
+    timesteps: int = 1000
+    # 0.0 = the schedule's default (DEFAULT_BETA_RANGE): ldm 0.0015 and 0.0195, linear 1e-4
+    # and 2e-2 (cosine uses none); the resolved config holds the number
+    beta_start: float = 0.0
+    beta_end: float = 0.0
+
+    def resolved(self) -> ScheduleConfig:
+        """The β range with the schedule's defaults written in, so config.json is explicit."""
+        default = DEFAULT_BETA_RANGE.get(self.schedule)
+        if default is None:  # an unknown schedule: check names it
+            return self
+        return replace(
+            self,
+            beta_start=self.beta_start or default[0],
+            beta_end=self.beta_end or default[1],
+        )
+
+    def check(self, section: str) -> None:
+        """The rules beside the fields, and an increasing β range below 1."""
+        super().check(section)
+        if self.schedule != "cosine" and not 0.0 < self.beta_start <= self.beta_end < 1.0:
+            raise ValueError(
+                f"{section}.beta_start/beta_end must satisfy 0 < start <= end < 1 for the "
+                f"{self.schedule!r} schedule, got {self.beta_start}, {self.beta_end}"
+            )
+
 
 # CompVis DDIM: uniform "leading" timesteps shifted by +1, last step towards ᾱ_0 (not 1).
 DDIM_DEFAULTS: dict[str, Any] = {

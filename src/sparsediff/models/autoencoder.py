@@ -24,6 +24,7 @@ _DEC3 = ("UpDecoderBlock2D",) * 3
 # What every preset shares: 3 latent channels, VQ codes of dimension 3, latents not rescaled.
 _COMMON = {"latent_channels": 3, "vq_embed_dim": 3, "scaling_factor": 1.0}
 
+AUTOENCODER_KINDS = ("vq", "kl")  # diffusers VQModel | AutoencoderKL
 AE_PRESETS: dict[str, dict[str, Any]] = {
     # CompVis models/first_stage_models/vq-f4 (the LDM-4 first stage): ch 128, ch_mult (1, 2, 4),
     # 2 res blocks, no attention at any resolution (only the mid-block attention that every

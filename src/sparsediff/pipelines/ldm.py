@@ -14,15 +14,16 @@ import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from sparsediff.config import RunConfig, TrainConfig
+from sparsediff.config import TrainConfig
 from sparsediff.data.images import build_image_dataset, collate_skip_none
 from sparsediff.data.latents import LatentCache, LatentDataset
 from sparsediff.diffusion.losses import epsilon_mse
@@ -31,6 +32,8 @@ from sparsediff.imaging import to_uint8
 from sparsediff.io import read_json, write_json
 from sparsediff.locks import wait_for
 from sparsediff.models.autoencoder import (
+    AE_PRESETS,
+    AUTOENCODER_KINDS,
     autoencoder_fingerprint,
     autoencoder_kind,
     autoencoder_loss,
@@ -40,13 +43,82 @@ from sparsediff.models.autoencoder import (
     load_autoencoder,
     reconstruct,
 )
-from sparsediff.models.unet import build_unet, stream_groups
-from sparsediff.pipelines.base import Pipeline, sample_seeds
+from sparsediff.models.unet import UNET_PRESETS, build_unet, stream_groups
+from sparsediff.pipelines.base import FamilyConfig, Pipeline, sample_seeds
+from sparsediff.sections import POSITIVE, Section, at_least
 from sparsediff.training.distributed import Dist, barrier
 from sparsediff.training.loop import Task, Trainer, seed_stage
 
 AE_DIR = "autoencoder"
 LATENT_FILE = "latent.json"  # latent shape and scale, for sampling from the finished run
+
+
+@dataclass
+class ImageData(Section):
+    """An LDM run's ``data`` section: the image dataset and its latent cache."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "resolution": at_least(1),
+        "max_train": at_least(0),
+        "max_val": at_least(0),
+    }
+    _PATHS: ClassVar[tuple[str, ...]] = ("path", "split_file", "cache_dir")
+
+    name: str = "fashion-mnist"  # fashion-mnist | celebahq | lsun-bedrooms | imagenette | folder
+    path: str = ""  # local dataset path; "" = the built-in default location
+    resolution: int = 32  # image side after centre crop + resize (or padding)
+    max_train: int = 0  # 0 = all
+    max_val: int = 0
+    split_seed: int = 0
+    split_file: str = ""
+    cache_dir: str = ""  # the latent cache; "" = RUN_DIR/latents
+
+
+@dataclass
+class UNetConfig(Section):
+    """An LDM run's ``model`` section: the denoising UNet."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "preset": tuple(UNET_PRESETS),
+        "channels": ((lambda v: all(c >= 1 for c in v)), "must be positive channel counts"),
+    }
+
+    preset: str = "fmnist"  # models.unet.UNET_PRESETS: ldm4, small, fmnist, tiny, ...
+    # the UNet's block channels in place of the preset's ([] = the preset's); an attention head
+    # keeps the preset's width, capped at the narrowest block (models.unet.unet_config)
+    channels: list[int] = field(default_factory=list)
+
+
+@dataclass
+class AutoencoderConfig(Section):
+    """Stage 1 of a latent pipeline: the dense, frozen first-stage autoencoder."""
+
+    _RULES: ClassVar[dict[str, Any]] = {
+        "kind": AUTOENCODER_KINDS,
+        "preset": tuple(AE_PRESETS),
+        "steps": at_least(1),
+        "batch_size": at_least(1),
+        "lr": POSITIVE,
+    }
+    _PATHS: ClassVar[tuple[str, ...]] = ("pretrained", "dir")
+
+    kind: str = "vq"  # vq | kl
+    preset: str = "fmnist-f4"
+    pretrained: str = ""  # a local diffusers-format directory; skips stage-1 training
+    dir: str = ""  # where stage 1 is kept; "" = RUN_DIR/autoencoder. Runs sharing a dir share it
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 2e-4
+    scale_latents: bool = False  # LDM's scale_by_std (KL); VQ-f4 keeps 1.0
+
+
+@dataclass
+class LdmConfig(FamilyConfig):
+    """A Latent Diffusion run: images, a UNet denoiser and its first stage."""
+
+    data: ImageData = field(default_factory=ImageData)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
 
 def _unet_fn(unet: nn.Module) -> Any:
@@ -92,9 +164,10 @@ class LatentDiffusion(Pipeline):
     """
 
     name = "ldm"
+    config_class = LdmConfig
     run_entries = (AE_DIR, "autoencoder-*.pt", "autoencoder-*.jsonl", "latents", LATENT_FILE)
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
+    def __init__(self, cfg: LdmConfig, run_dir: str | Path) -> None:
         super().__init__(cfg, run_dir)
         self.ae: nn.Module | None = None
         self.latents: LatentDataset | None = None
@@ -383,7 +456,7 @@ class LatentDiffusion(Pipeline):
 
     # ------------------------------------------------------------------ studies
     @classmethod
-    def study_overrides(cls, cfg: RunConfig, shared_dir: Path) -> dict[str, Any]:
+    def study_overrides(cls, cfg: LdmConfig, shared_dir: Path) -> dict[str, Any]:
         """One dense, frozen first stage and latent cache per dataset, unless the run sets one.
 
         The comparison is about the denoiser; the first cell trains the autoencoder for all.

@@ -27,12 +27,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from .distributions import DISTRIBUTIONS
 from .granularity import parse_granularity
 from .methods import METHODS
-from .schedules import SCHEDULES, is_update_step, prune_fraction, stop_step
+from .schedules import is_update_step, prune_fraction, stop_step
 from .scores import LayerScores, seeded_generator
 from .selection import select_parameters, unwrap
+from .settings import SparseSettings, check_int
 
 _STATE_FORMAT = "sparsediff.sparsity/1"
 
@@ -51,67 +51,47 @@ class _Layer:
     units: tuple[int, ...] | None  # shape of the granularity's unit view; None: always dense
 
 
-def _check_choice(argument: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{argument} must be one of {allowed}, got {value!r}")
+def check_settings(prefix: str = "", **settings: Any) -> None:
+    """Raise a ValueError naming the first setting no run could use: ``SparseSettings`` rules
+    for settings given by name (kept for callers that check before building anything)."""
+    SparseSettings.of(**settings).check(prefix)
 
 
-def _check_int(argument: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{argument} must be an integer >= {minimum}, got {value!r}")
+def _engine_config(settings: SparseSettings, total_steps: int, seed: int) -> dict[str, Any]:
+    """What the engine runs by, as saved in its state: the settings that move masks, the
+    schedule's length and the seed."""
+    check_int("total_steps", total_steps, 1)
+    check_int("seed", seed, 0)
+    keep = ("exclude", "include", "tie_stream")  # given at attachment, not saved per step
+    config = {k: v for k, v in vars(settings).items() if k not in keep}
+    return {**config, "total_steps": total_steps, "seed": seed}
 
 
-def _check_float(argument: str, value: Any, low: float, high: float, interval: str) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = ok and (low <= value if interval[0] == "[" else low < value)
-    ok = ok and (value <= high if interval[1] == "]" else value < high)
-    if not ok:
-        raise ValueError(
-            f"{argument} must be a number in {interval[0]}{low}, {high}{interval[1]}, got {value!r}"
-        )
-
-
-def check_settings(
-    *,
-    method: str,
-    sparsity: float,
-    distribution: str,
-    update_interval: int,
-    prune_ratio: float,
-    prune_schedule: str,
-    stop_fraction: float,
-    erk_power_scale: float,
-    granularity: str = "unstructured",
-    prefix: str = "",
-) -> None:
-    """Raise a ValueError naming the first sparse-training setting no run could use.
-
-    The engine's own rules, for callers that check settings before building anything (the run
-    config does, with ``prefix="sparse."`` so the message names the config key).
-    """
-    _check_choice(f"{prefix}method", method, tuple(METHODS))
-    _check_float(f"{prefix}sparsity", sparsity, 0.0, 1.0, "[)")
-    _check_choice(f"{prefix}distribution", distribution, DISTRIBUTIONS)
-    fixed = parse_granularity(granularity, f"{prefix}granularity").fixed_sparsity
-    # n:m fixes the density; the dense baseline ignores both sparsity and granularity.
-    dense = METHODS[method].all_dense
-    if fixed is not None and not dense and not math.isclose(sparsity, fixed, abs_tol=1e-6):
-        raise ValueError(
-            f"{prefix}sparsity must be {fixed:.6g} (1 - n/m) with {prefix}granularity = "
-            f"{granularity!r}, got {sparsity!r}"
-        )
-    _check_float(f"{prefix}erk_power_scale", erk_power_scale, 0.0, math.inf, "[)")
-    _check_int(f"{prefix}update_interval", update_interval, 1)
-    _check_float(f"{prefix}prune_ratio", prune_ratio, 0.0, 1.0, "(]")
-    _check_choice(f"{prefix}prune_schedule", prune_schedule, SCHEDULES)
-    _check_float(f"{prefix}stop_fraction", stop_fraction, 0.0, 1.0, "[]")
-
-
-def _validate_config(config: Mapping[str, Any]) -> None:
+def _check_config(config: Mapping[str, Any]) -> None:
     settings = {k: v for k, v in config.items() if k not in ("total_steps", "seed")}
-    check_settings(**settings)
-    _check_int("total_steps", config["total_steps"], 1)
-    _check_int("seed", config["seed"], 0)
+    SparseSettings.of(**settings).check()
+    _engine_config(SparseSettings(), config["total_steps"], config["seed"])
+
+
+def _maskable(
+    model: nn.Module, optimizer: torch.optim.Optimizer, settings: SparseSettings
+) -> dict[str, nn.Parameter]:
+    """The parameters to mask, checked: there are some, and the optimizer holds them all."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    params = select_parameters(model, settings.include or None, settings.exclude)
+    if not params:
+        raise ValueError(
+            "model has nothing to mask: no Linear/Conv/ConvTranspose/RNN/MultiheadAttention "
+            "weights are left after exclude; widen include or narrow exclude"
+        )
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in params.items() if id(p) not in held]
+    if missing:
+        raise ValueError(
+            f"optimizer must hold every maskable parameter of model; missing {missing[:5]}"
+        )
+    return params
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -182,100 +162,87 @@ class SparseTraining:
         model: the model (or its DDP/DataParallel wrapper; names are the inner module's).
         optimizer: the optimizer that holds every maskable parameter of ``model``, or a
             wrapper that keeps it as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``).
-        method: a name in ``METHODS``: ``"dense"`` (all-True masks, ``sparsity`` ignored),
-            ``"static"`` (masks never change), ``"rigl"`` (grow by dense-gradient magnitude)
-            or ``"magran"`` (grow uniformly at random).
-        sparsity: fraction of maskable weights that are zero, in ``[0, 1)``; with an ``n:m``
-            granularity it must be ``1 - n/m``.
-        distribution: layer densities, ``"uniform"``, ``"er"`` or ``"erk"``.
-        update_interval: ΔT, optimizer steps between mask updates (>= 1).
-        prune_ratio: p, fraction of a layer's active weights swapped per update, in (0, 1].
-        prune_schedule: decay of p: ``"constant"``, ``"cosine"`` or ``"linear"``.
+        settings: what to train (:class:`~sparsediff.sparsity.SparseSettings`: method,
+            sparsity, layer distribution, ΔT, p and its schedule, granularity, ...); keyword
+            arguments named like its fields replace its values, so
+            ``SparseTraining(model, opt, method="rigl", sparsity=0.5, total_steps=N)`` works
+            too. Without either: the defaults, dense.
         total_steps: planned optimizer steps of the run (required: the schedule ends at
             ``stop_fraction * total_steps``).
-        stop_fraction: no mask updates after ``stop_fraction * total_steps`` steps.
-        erk_power_scale: exponent on the ER/ERK scale (0 gives uniform).
         ema: kept exactly as sparse as ``model``: an EMA copy of it (same parameter names),
             a torch ``AveragedModel`` or diffusers' ``EMAModel`` (``shadow_params``).
         seed: seeds the initial masks and MagRan's growth, with the step and layer index.
-        exclude: glob patterns of parameter names kept dense (e.g. ``"conv_in.*"``).
-        include: glob patterns of extra parameter names to make sparse.
-        granularity: ``"unstructured"`` (single weights), ``"channel"`` (whole rows) or
-            ``"n:m"`` such as ``"2:4"`` (n of every m consecutive weights of a row).
         tied: groups of parameter names whose channels are switched on and off together
             (``channel`` granularity; equal row counts): one mask per group, dropped by the
             channels' norm over all members and grown by their joint gradient norm. For the
             layers that write one residual stream (``models.unet.stream_groups``), so that a
-            stream channel is dead in every writer and a condensed network can remove it.
+            stream channel is dead in every writer and a condensed network can remove it;
+            ``settings.tie_stream`` says that they are given.
     """
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
+        settings: SparseSettings | None = None,
         *,
-        method: str = "rigl",
-        sparsity: float = 0.5,
-        distribution: str = "erk",
-        update_interval: int = 100,
-        prune_ratio: float = 0.05,
-        prune_schedule: str = "cosine",
         total_steps: int,
-        stop_fraction: float = 0.75,
-        erk_power_scale: float = 1.0,
         ema: Any = None,
         seed: int = 0,
-        exclude: str | Iterable[str] = (),
-        include: str | Iterable[str] | None = None,
-        granularity: str = "unstructured",
         tied: Iterable[Iterable[str]] = (),
+        **options: Any,
     ) -> None:
-        config = {
-            "method": method,
-            "sparsity": sparsity,
-            "distribution": distribution,
-            "granularity": granularity,
-            "update_interval": update_interval,
-            "prune_ratio": prune_ratio,
-            "prune_schedule": prune_schedule,
-            "total_steps": total_steps,
-            "stop_fraction": stop_fraction,
-            "erk_power_scale": erk_power_scale,
-            "seed": seed,
-        }
+        settings = SparseSettings.of(settings, **options)
         # Validate everything before touching the model or the optimizer.
-        _validate_config(config)
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        settings.check()
+        settings = settings.resolved()
+        self._config = _engine_config(settings, total_steps, seed)
         optimizer = _torch_optimizer(optimizer)
-        params = select_parameters(model, include, exclude)
-        if not params:
-            raise ValueError(
-                "model has nothing to mask: no Linear/Conv/ConvTranspose/RNN/MultiheadAttention "
-                "weights are left after exclude; widen include or narrow exclude"
-            )
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [name for name, p in params.items() if id(p) not in held]
-        if missing:
-            raise ValueError(
-                f"optimizer must hold every maskable parameter of model; missing {missing[:5]}"
-            )
+        params = _maskable(model, optimizer, settings)
         names = [name for name, _ in unwrap(model).named_parameters()]
         _resolve_ema(ema, names, params)
-        groups = _check_tied(tied, params, granularity)
-
-        self._config = config
-        self._method = METHODS[method]
-        self._granularity = parse_granularity(granularity)
+        groups = _check_tied(tied, params, settings.granularity)
+        self._settings = settings
+        self._method = METHODS[settings.method]
+        self._granularity = parse_granularity(settings.granularity)
         self._model = unwrap(model)
         self._optimizer = optimizer
         self._ema = ema
         self._names = names
         self._step = 0
         self._last: dict[str, Any] = _no_update(list(params))
+        self._layers = self._initial_layers(params, groups, settings, seed)
+        by_name = {layer.name: layer for layer in self._layers}
+        lead = {name for group in groups for name in group}
+        self._tied = [list(group) for group in groups]
+        # update units: every tied group, then every other layer alone
+        self._units = [[by_name[name] for name in group] for group in groups]
+        self._units += [[layer] for layer in self._layers if layer.name not in lead]
+        self._apply_masks()
+        self._masks = types.MappingProxyType({layer.name: layer.mask for layer in self._layers})
+        self._handle: Any = optimizer.register_step_post_hook(self._after_step)
+        # a loaded optimizer state holds new tensors: the cached lists must be rebuilt
+        self._load_handle: Any = optimizer.register_load_state_dict_post_hook(
+            self._forget_state_lists
+        )
+
+    def _initial_layers(
+        self,
+        params: dict[str, nn.Parameter],
+        groups: list[list[str]],
+        settings: SparseSettings,
+        seed: int,
+    ) -> list[_Layer]:
+        """The layers with their initial masks: random units at each layer's density (a tied
+        group draws once, for its first member)."""
         shapes = {name: tuple(p.shape) for name, p in params.items()}
         plan = self._method.plan(
-            shapes, self._granularity, sparsity, distribution, erk_power_scale, groups
+            shapes,
+            self._granularity,
+            settings.sparsity,
+            settings.distribution,
+            settings.erk_power_scale,
+            groups,
         )
         # Layers the granularity cannot structure (n:m with a row length not a multiple of m);
         # not worth a word for the dense baseline, which structures nothing.
@@ -283,11 +250,11 @@ class SparseTraining:
         self._kept_dense = [] if self._method.all_dense else cannot
         if self._kept_dense:
             warnings.warn(
-                f"granularity {granularity!r} cannot apply to {self._kept_dense}; kept dense",
-                stacklevel=2,
+                f"granularity {settings.granularity!r} cannot apply to {self._kept_dense}; "
+                "kept dense",
+                stacklevel=3,
             )
-        self._layers: list[_Layer] = []
-        drawn: dict[str, torch.Tensor] = {}  # a tied group's units, drawn for its first member
+        layers, drawn = [], {}  # drawn: a tied group's units, drawn for its first member
         lead = {name: group[0] for group in groups for name in group}
         for index, (name, param) in enumerate(params.items()):
             units = None if plan[name] is None else self._granularity.unit_shape(param.shape)
@@ -301,20 +268,9 @@ class SparseTraining:
                 mask = self._granularity.expand(drawn[key], param.shape)
             mask = mask.to(param.device)
             layer = _Layer(name, index, param, mask, mask, mask.clone(), 0, units)
-            self._layers.append(layer)
+            layers.append(layer)
             self._refresh(layer)
-        by_name = {layer.name: layer for layer in self._layers}
-        self._tied = [list(group) for group in groups]
-        # update units: every tied group, then every other layer alone
-        self._units = [[by_name[name] for name in group] for group in groups]
-        self._units += [[layer] for layer in self._layers if layer.name not in lead]
-        self._apply_masks()
-        self._masks = types.MappingProxyType({layer.name: layer.mask for layer in self._layers})
-        self._handle: Any = optimizer.register_step_post_hook(self._after_step)
-        # a loaded optimizer state holds new tensors: the cached lists must be rebuilt
-        self._load_handle: Any = optimizer.register_load_state_dict_post_hook(
-            self._forget_state_lists
-        )
+        return layers
 
     # ------------------------------------------------------------------ properties
     @property
@@ -346,6 +302,11 @@ class SparseTraining:
     def config(self) -> dict[str, Any]:
         """A copy of the configuration (method, sparsity, schedule, seed, ...)."""
         return dict(self._config)
+
+    @property
+    def settings(self) -> SparseSettings:
+        """The settings it was built with."""
+        return self._settings
 
     # ------------------------------------------------------------------ hooks
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -636,7 +597,7 @@ class SparseTraining:
         if [list(g) for g in state.get("tied", [])] != self._tied:
             raise ValueError("state was saved with other tied channel groups than this engine's")
         config = {key: state[key] for key in self._config}
-        _validate_config(config)
+        _check_config(config)
         masks = state["masks"]
         if set(masks) != {layer.name for layer in self._layers}:
             raise ValueError("state masks name other parameters than this model's maskable ones")

@@ -52,7 +52,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsediff.config import flatten, load_config
+from sparsediff.config import flatten
+from sparsediff.pipelines import load_config
 from sparsediff.sparsity import METHODS
 
 DYNAMIC = tuple(n for n, m in METHODS.items() if m.updates_masks)  # those with a ratio p

@@ -170,41 +170,45 @@ def compose_samples(
     settings: list[Setting], study_dir: Path, path: Path, title: str
 ) -> Path | None:
     """Sample grids side by side: Dense and the baselines (e.g. a small dense model) on top, then
-    a row per (method, p) and a column per sparsity; a setting that was not run is left blank."""
+    a row per (method, p) and a column per sparsity; a setting that was not run is left blank.
+    With a single sparsity every setting stands in one row, dense first."""
     dense, sparse = split_dense(settings)
     columns = sorted({s.sparsity for s in sparse})
     rows = sorted({s.row for s in sparse}, key=row_order)
     at = {(s.row, s.sparsity): s for s in sparse}
-    top_settings = ([dense] if dense is not None else []) + baselines(settings)
-
-    def grid_of(s: Setting | None) -> Any:
-        return _load_image(s.sample_record().get("samples_grid"), study_dir) if s else None
-
-    top_imgs = [grid_of(s) for s in top_settings]
-    panels = [[grid_of(at.get((row, col))) for col in columns] for row in rows]
-    if all(img is None for img in top_imgs) and all(img is None for ln in panels for img in ln):
+    top = ([dense] if dense is not None else []) + baselines(settings)
+    if len(columns) <= 1:  # one row, dense first
+        line = top + [at[(row, c)] for row in rows for c in columns]
+        layout, ylabels = [[(s, s.label) for s in line]], [""]
+    else:
+        layout = [[(s, row_label(*s.row)) for s in top]] if top else []
+        layout += [
+            [(at.get((row, c)), f"S = {pct(c)}" if i == 0 else "") for c in columns]
+            for i, row in enumerate(rows)
+        ]
+        ylabels = [""] * bool(top) + [row_label(*row) for row in rows]
+    images = {
+        id(s): _load_image(s.sample_record().get("samples_grid"), study_dir)
+        for line in layout
+        for s, _ in line
+        if s is not None
+    }
+    if all(img is None for img in images.values()):
         return None
-    top = 1 if top_settings else 0  # the first row holds dense and the baselines
-    nrows, ncols = top + len(rows), max(len(columns), len(top_settings), 1)
-    fig = _figure(2.2 * ncols, 2.4 * nrows + 0.4)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    if top:
-        for j, ax in enumerate(axes[0]):
-            if j < len(top_settings):
-                _panel(ax, top_imgs[j])
-                ax.set_title(row_label(*top_settings[j].row), fontsize=9)
-            else:
-                ax.set_axis_off()
-    for i, row in enumerate(rows):
-        for j in range(ncols):
-            ax = axes[top + i][j]
-            if j >= len(columns) or (row, columns[j]) not in at:
+    ncols = max(len(line) for line in layout)
+    fig = _figure(max(2.2 * ncols, 4.0), 2.4 * len(layout) + 0.5)
+    axes = fig.subplots(len(layout), ncols, squeeze=False)
+    for i, line in enumerate(layout):
+        labelled = False
+        for j, ax in enumerate(axes[i]):
+            setting, label = line[j] if j < len(line) else (None, "")
+            if setting is None:
                 ax.set_axis_off()  # not part of the grid
                 continue
-            _panel(ax, panels[i][j])
-            if i == 0:
-                ax.set_title(f"S = {pct(columns[j])}", fontsize=9)
-            if j == 0 or (row, columns[j - 1]) not in at:
-                ax.set_ylabel(row_label(*row), fontsize=9)
-    fig.suptitle(f"{title}: samples with fixed seeds (seed-0 runs)")
+            _panel(ax, images[id(setting)])
+            ax.set_title(label, fontsize=9)
+            if ylabels[i] and not labelled:
+                ax.set_ylabel(ylabels[i], fontsize=9)
+                labelled = True
+    fig.suptitle(f"{title}: samples with fixed seeds (seed-0 runs)", fontsize=10)
     return _save(fig, path, dpi=110)

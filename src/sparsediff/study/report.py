@@ -42,6 +42,7 @@ from sparsediff.study.stats import (
     row_order,
     safe_values,
     sample_sizes,
+    span,
     split_dense,
     verdict_word,
 )
@@ -531,8 +532,24 @@ def claims_section(
     return lines
 
 
+LEGEND = (
+    "Values are mean ± sample std over seeds (± only with ≥ 2 seeds; `(n=k)` marks a setting "
+    "with fewer seeds than the others). **Bold**: the best mean among the sparse settings at "
+    "that sparsity (lowest FID/KID, highest precision/recall); the Dense row and the "
+    "baselines (e.g. a small dense model) repeat their value in every column. Costs are means "
+    "over seeds, relative to the dense model as each run's evaluation counted it: non-zero "
+    "parameters, inference FLOPs per network evaluation, sample FLOPs per generated sample "
+    "(sampler steps and decoding included), and the sampling wall time each evaluation "
+    "measured (the masked network as trained, on whatever else the machine was running: a "
+    "rough figure; `benchmarks/` measures speed-ups under control)."
+)
+
+
 def write_report(study_dir: Path, rel_tol: float = REL_TOL) -> Path:
-    """Write ``study_dir/report/report.md`` and its PNGs; return the report's path."""
+    """Write ``study_dir/report/report.md`` and its PNGs; return the report's path.
+
+    First what was run and the samples (the first screen), then per dataset the tables and
+    plots, the claims, the safe values and the protocol."""
     study_dir = Path(study_dir)
     # the last line of a cell wins; lines without a cell's identity cannot be placed in a table
     by_id = {r["id"]: r for r in read_results(study_dir / RESULTS_FILE)}
@@ -546,10 +563,27 @@ def write_report(study_dir: Path, rel_tol: float = REL_TOL) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     by_dataset = group_settings(records)
     datasets = _dataset_order(records, study)
+    lines = _header(study, study_dir, records, datasets)
+    lines += _what_ran(by_dataset, datasets)
+    for ds in datasets:
+        samples = f"samples_{_slug(ds)}.png"
+        if compose_samples(by_dataset[ds], study_dir, out / samples, ds) is not None:
+            lines += [f"![Samples of {ds}]({samples})", ""]
+    lines += [LEGEND, ""]
+    for ds in datasets:
+        lines += _dataset_section(by_dataset[ds], ds, floors.get(ds), out)
+    lines += claims_section(by_dataset, datasets, rel_tol)
+    lines += _safe_section(records, datasets, rel_tol)
+    # last: the full protocol is for checking comparability, not the first thing to read
+    lines += ["", "## Protocol", "", "<details><summary>Evaluation protocol per dataset</summary>"]
+    lines += ["", _protocol_table(records, datasets), "", "</details>"]
+    return write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _header(study: dict, study_dir: Path, records: list[dict], datasets: list[str]) -> list[str]:
     n_cells = len(study.get("cells", [])) or len(records)
-    name = study.get("name", study_dir.name)
     lines = [
-        f"# Study report: {name}",
+        f"# Study report: {study.get('name', study_dir.name)}",
         "",
         f"- Study: `{study.get('command', MISSING)}`",
         f"- Report: `{shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
@@ -557,64 +591,75 @@ def write_report(study_dir: Path, rel_tol: float = REL_TOL) -> Path:
     ]
     if desc := study.get("study", {}).get("description"):
         lines += ["", desc]
-    lines += [
-        "",
-        "Values are mean ± sample std over seeds (± only with ≥ 2 seeds; `(n=k)` marks a setting "
-        "with fewer seeds than the others). **Bold**: the best mean among the sparse settings at "
-        "that sparsity (lowest FID/KID, highest precision/recall); the Dense row and the "
-        "baselines (e.g. a small dense model) repeat their value in every column. Costs are means "
-        "over seeds, relative to the dense model as each run's evaluation counted it: non-zero "
-        "parameters, inference FLOPs per network evaluation, sample FLOPs per generated sample "
-        "(sampler steps and decoding included), and the sampling wall time each evaluation "
-        "measured (the masked network as trained, on whatever else the machine was running: a "
-        "rough figure; `benchmarks/` measures speed-ups under control).",
-        "",
-    ]
+    return [*lines, ""]
+
+
+def _what_ran(by_dataset: dict[str, list[Setting]], datasets: list[str]) -> list[str]:
+    """One row per dataset: its preset, settings, seeds, training steps and FID sizes."""
+    rows = []
     for ds in datasets:
-        settings, slug = by_dataset[ds], _slug(ds)
-        first = settings[0].records[0]
-        lines += [f"## {ds}", ""]
-        if (warning := small_sample_warning(settings)) is not None:
-            lines += [warning, ""]
-        lines += [f"Preset `{first.get('preset')}` ({first.get('pipeline')}).", ""]
-        lines += [fid_table(settings), ""]
-        ds_floors, why = matching_floors(settings, floors.get(ds))
-        if why:
-            lines += [f"**{why}**", ""]
-        if (table := floors_table(settings, ds_floors)) is not None:
-            lines += [table, ""]
-        if any(s.metric("fid", RECON).n for s in settings):
-            lines += [
-                "Against the first stage's reconstructions of the reference images instead of "
-                "the images: this isolates the denoiser (the part that is sparse) from the "
-                "autoencoder's own error.",
-                "",
-                metric_table(settings, "fid", "FID vs reconstructions ↓", source=RECON),
-                "",
-                metric_table(
-                    settings, "kid_mean", "KID ×10³ vs reconstructions ↓", 2, 1e3, source=RECON
-                ),
-                "",
+        settings = by_dataset[ds]
+        records = [r for s in settings for r in s.records]
+        steps = sorted({_steps(r) for r in records if _steps(r) is not None})
+        sizes = sample_sizes(settings)
+        rows.append(
+            [
+                ds,
+                f"`{records[0].get('preset')}`",
+                "; ".join(s.label for s in settings),
+                span(sizes.seeds),
+                ", ".join(map(str, steps)) or "the preset's",
+                f"{span(sizes.generated)} vs {span(sizes.reference)}",
             ]
-        if (line := dense_cost(settings)) is not None:
-            lines += [line, ""]
-        lines += [cost_table(settings), ""]
-        for table in other_tables(settings):
-            lines += [table, ""]
-        figures = [
-            (plot_fid_vs_sparsity, f"fid_vs_sparsity_{slug}.png", "FID vs sparsity"),
-            (plot_fid_vs_flops, f"fid_vs_train_flops_{slug}.png", "FID vs training FLOPs"),
+        )
+    header = ["dataset", "preset", "settings", "seeds", "training steps", "FID: samples vs refs"]
+    return ["## What ran", "", _markdown(header, rows), ""]
+
+
+def _steps(record: dict) -> int | None:
+    """The steps a cell trained (older results: its ``train.steps`` override, if any)."""
+    return record.get("steps") or (record.get("overrides") or {}).get("train.steps")
+
+
+def _dataset_section(settings: list[Setting], ds: str, floors: dict | None, out: Path) -> list[str]:
+    """A dataset's tables (FID, floors and baselines, against reconstructions, costs, other
+    metrics) and plots."""
+    first = settings[0].records[0]
+    lines = [f"## {ds}", ""]
+    if (warning := small_sample_warning(settings)) is not None:
+        lines += [warning, ""]
+    lines += [f"Preset `{first.get('preset')}` ({first.get('pipeline')}).", ""]
+    lines += [fid_table(settings), ""]
+    ds_floors, why = matching_floors(settings, floors)
+    if why:
+        lines += [f"**{why}**", ""]
+    if (table := floors_table(settings, ds_floors)) is not None:
+        lines += [table, ""]
+    if any(s.metric("fid", RECON).n for s in settings):
+        lines += [
+            "Against the first stage's reconstructions of the reference images instead of "
+            "the images: this isolates the denoiser (the part that is sparse) from the "
+            "autoencoder's own error.",
+            "",
+            metric_table(settings, "fid", "FID vs reconstructions ↓", source=RECON),
+            "",
+            metric_table(
+                settings, "kid_mean", "KID ×10³ vs reconstructions ↓", 2, 1e3, source=RECON
+            ),
+            "",
         ]
-        lines_at = _reference_lines(settings, ds_floors)
-        for plot, filename, caption in figures:
-            if plot(settings, out / filename, ds, lines=lines_at) is not None:
-                lines += [f"![{caption}]({filename})", ""]
-        samples = f"samples_{slug}.png"
-        if compose_samples(settings, study_dir, out / samples, ds) is not None:
-            lines += [f"![Samples]({samples})", ""]
-    lines += claims_section(by_dataset, datasets, rel_tol)
-    lines += _safe_section(records, datasets, rel_tol)
-    # last: the full protocol is for checking comparability, not the first thing to read
-    lines += ["", "## Protocol", "", "<details><summary>Evaluation protocol per dataset</summary>"]
-    lines += ["", _protocol_table(records, datasets), "", "</details>"]
-    return write_text(out / "report.md", "\n".join(lines) + "\n")
+    if (line := dense_cost(settings)) is not None:
+        lines += [line, ""]
+    lines += [cost_table(settings), ""]
+    for table in other_tables(settings):
+        lines += [table, ""]
+    slug = _slug(ds)
+    figures = [
+        (plot_fid_vs_sparsity, f"fid_vs_sparsity_{slug}.png", "FID vs sparsity"),
+        (plot_fid_vs_flops, f"fid_vs_train_flops_{slug}.png", "FID vs training FLOPs"),
+    ]
+    lines_at = _reference_lines(settings, ds_floors)
+    for plot, filename, caption in figures:
+        if plot(settings, out / filename, ds, lines=lines_at) is not None:
+            lines += [f"![{caption}]({filename})", ""]
+    return lines

@@ -237,7 +237,7 @@ class Setting:
     def label(self) -> str:
         """``RigL (p=0.05) at 50%``."""
         base = row_label(*self.row)
-        return base if self.method == "dense" else f"{base} at {pct(self.sparsity)}"
+        return base if self.sparsity == 0 else f"{base} at {pct(self.sparsity)}"
 
     def metric(self, name: str, source: str = "metrics") -> Stat:
         """A metric over seeds (``source``: the records' ``metrics`` or, e.g.,
@@ -277,8 +277,8 @@ class SampleSizes:
 
     def describe(self) -> str:
         """``n = 64 generated vs 128 reference images, 2 seeds``."""
-        gen, ref = _span(self.generated), _span(self.reference)
-        seeds = _span(self.seeds)
+        gen, ref = span(self.generated), span(self.reference)
+        seeds = span(self.seeds)
         seeds += " seed" if self.seeds == (1,) else " seeds"
         if not self.generated:
             return f"sample counts not recorded, {seeds}"
@@ -287,7 +287,7 @@ class SampleSizes:
         return f"n = {gen} generated vs {ref} reference images, {seeds}"
 
 
-def _span(values: tuple[int, ...]) -> str:
+def span(values: tuple[int, ...]) -> str:
     """(64,) -> ``64``; (64, 1000) -> ``64–1000``."""
     if not values:
         return MISSING

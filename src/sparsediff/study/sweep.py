@@ -9,7 +9,8 @@ Layout of a study directory::
 A results line holds ``id, dataset, preset, pipeline, method, sparsity, prune_ratio`` (null for
 dense/static), ``seed, overrides`` (what train_fn got), ``metrics, cost, protocol`` (from
 evaluate_fn), ``samples_grid`` and ``run_dir`` (relative to the study directory when inside it),
-``train_seconds`` and ``eval_seconds`` (wall time of this attempt; a resumed run counts only the
+``steps`` (the optimizer steps the run trained, from its ``done.json``), ``train_seconds`` and
+``eval_seconds`` (wall time of this attempt; a resumed run counts only the
 part after the resume), ``resumed`` (the run directory existed before this attempt), ``device``
 (the worker's device, null when run in-process) and ``finished_at`` (UTC, ISO 8601). Non-finite
 numbers are written as null, so every line is strict JSON.
@@ -21,7 +22,7 @@ work does not exist yet runs one cell at a time.
 
 Noise floors: once a dataset has a finished cell, its floors (real vs real, and the first
 stage's reconstructions vs real where there is one; see
-``sparsediff.pipelines.evaluation.noise_floors``) are measured by that cell's protocol and
+``sparsediff.workflows.evaluation.noise_floors``) are measured by that cell's protocol and
 recorded as one more line, ``{"id": "<dataset>/floors", "kind": "floors", "dataset", "floors",
 "protocol", "run_dir", "seconds", "finished_at"}``; the report shows them beside the models.
 
@@ -50,13 +51,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sparsediff.config import absolute_paths, load_config
-from sparsediff.io import write_text
+from sparsediff.io import read_json, write_text
 from sparsediff.locks import LockedError, wait_for
-from sparsediff.pipelines import evaluate, get_pipeline, noise_floors, train
-from sparsediff.pipelines.run import DONE_FILE, is_started
+from sparsediff.pipelines import absolute_overrides, get_pipeline, load_config
 from sparsediff.study.grid import Cell, Study, expand_grid, load_study
 from sparsediff.study.results import RESULTS_FILE, STUDY_FILE, append_result, jsonable, read_results
+from sparsediff.workflows import evaluate, noise_floors, train
+from sparsediff.workflows.run import DONE_FILE, is_started
 
 TrainFn = Callable[[str, dict, Path, bool], Any]
 EvaluateFn = Callable[[Path, int | None, int], dict]
@@ -80,8 +81,8 @@ def default_train(preset: str, overrides: dict, run_dir: Path, resume: bool) -> 
 
 
 def default_evaluate(run_dir: Path, num_samples: int | None, seed: int) -> dict:
-    """Evaluate one cell with the pipelines' evaluation protocol."""
-    return evaluate(run_dir, num_samples, seed=seed)
+    """Evaluate one cell with the pipelines' evaluation protocol; its record for the line."""
+    return evaluate(run_dir, num_samples, seed=seed).to_dict()
 
 
 def default_floors(run_dir: Path) -> dict:
@@ -105,36 +106,51 @@ def record_floors(
     (its run directory on this machine) but no floors line yet, with that cell's run. A failure
     goes into ``failed`` under the floors id and is not retried in this call. Study processes
     side by side take turns (a lock), so each dataset's floors are measured once."""
-    with wait_for(study_dir / ".floors.lock", f"the noise floors of {study_dir}"):
-        finished |= {r["id"] for r in read_results(study_dir / RESULTS_FILE)}
-        for cell in cells:
-            key = floors_id(cell.dataset)
-            run_dir = study_dir / "runs" / cell.id
-            if key in finished or key in failed or cell.id not in finished:
-                continue
-            if not (run_dir / DONE_FILE).exists():  # finished elsewhere: the results line only
-                continue
-            start = time.perf_counter()
-            try:
-                floors = floors_fn(run_dir)
-            except Exception as exc:
-                _failed(study_dir, key, exc, failed, f"noise floors of {cell.dataset}")
-                continue
-            record = {
-                "id": key,
-                "kind": "floors",
-                "dataset": cell.dataset,
-                "floors": floors.get("floors", {}),
-                "protocol": floors.get("protocol", {}),
-                "warnings": floors.get("warnings", []),
-                "run_dir": _relative(run_dir, study_dir),
-                "seconds": time.perf_counter() - start,
-                "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            for warning in record["warnings"]:
-                tqdm.write(f"{cell.dataset}: {warning}", file=sys.stderr)
-            append_result(study_dir / RESULTS_FILE, jsonable(record))
-            finished.add(key)
+    for cell in cells:
+        key = floors_id(cell.dataset)
+        run_dir = study_dir / "runs" / cell.id
+        if key in finished or key in failed or cell.id not in finished:
+            continue
+        if not (run_dir / DONE_FILE).exists():  # finished elsewhere: the results line only
+            continue
+        lock = study_dir / f".floors-{_slug(cell.dataset)}.lock"
+        with wait_for(lock, f"the noise floors of {cell.dataset}"):
+            finished |= {r["id"] for r in read_results(study_dir / RESULTS_FILE)}
+            # measured meanwhile by a process beside this one: nothing to do
+            if key not in finished and _measure_floors(study_dir, cell, run_dir, floors_fn, failed):
+                finished.add(key)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _measure_floors(
+    study_dir: Path, cell: Cell, run_dir: Path, floors_fn: FloorsFn, failed: dict[str, str]
+) -> bool:
+    """Measure one dataset's floors with ``run_dir`` and append their line; False on failure."""
+    key = floors_id(cell.dataset)
+    start = time.perf_counter()
+    try:
+        floors = floors_fn(run_dir)
+    except Exception as exc:
+        _failed(study_dir, key, exc, failed, f"noise floors of {cell.dataset}")
+        return False
+    record = {
+        "id": key,
+        "kind": "floors",
+        "dataset": cell.dataset,
+        "floors": floors.get("floors", {}),
+        "protocol": floors.get("protocol", {}),
+        "warnings": floors.get("warnings", []),
+        "run_dir": _relative(run_dir, study_dir),
+        "seconds": time.perf_counter() - start,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    for warning in record["warnings"]:
+        tqdm.write(f"{cell.dataset}: {warning}", file=sys.stderr)
+    append_result(study_dir / RESULTS_FILE, jsonable(record))
+    return True
 
 
 def _failed(study_dir: Path, key: str, error: BaseException, failed: dict, what: str) -> None:
@@ -192,8 +208,10 @@ def run_cell(
     start = time.perf_counter()
     evaluation = evaluate_fn(run_dir, num_samples, eval_seed)
     eval_seconds = time.perf_counter() - start
+    done = read_json(run_dir / DONE_FILE)
     record = {
         **cell.to_dict(),
+        "steps": done.get("step") if isinstance(done, dict) else None,
         "metrics": evaluation.get("metrics", {}),
         "cost": evaluation.get("cost", {}),
         "protocol": evaluation.get("protocol", {}),
@@ -218,12 +236,13 @@ def share_work(cells: list[Cell], study_dir: Path) -> tuple[list[Cell], set[str]
     """
     out, sharing = [], set()
     for cell in cells:
-        overrides = absolute_paths(cell.overrides)  # as typed: relative to the working directory
         # shared places relative to the cell's run directory, so the study folder can be moved
         shared = Path(
             os.path.relpath(study_dir / "shared" / cell.dataset, study_dir / "runs" / cell.id)
         )
         try:
+            # paths as typed in the study file: relative to the working directory
+            overrides = absolute_overrides(cell.preset, cell.overrides)
             cfg = load_config(cell.preset, overrides)
             extra = get_pipeline(cfg.pipeline).study_overrides(cfg, shared)
         except ValueError as exc:
@@ -316,12 +335,7 @@ def run_study(
                     bar.update(1)  # finished meanwhile by a study process beside this one
                     continue
                 bar.set_description_str(cell.id)
-                try:
-                    record = run_cell(cell, *args)
-                except Exception as exc:
-                    finish(cell, None, exc)
-                    continue
-                finish(cell, record, None)
+                finish(cell, *_attempt(cell, args))
                 if floors_fn:  # early: they frame every later result
                     bar.set_description_str(f"{cell.dataset} noise floors")
                     record_floors(study_dir, [cell], finished, floors_fn, failed)
@@ -334,6 +348,14 @@ def run_study(
     if failed:
         raise StudyError(failed)
     return study_dir
+
+
+def _attempt(cell: Cell, args: tuple) -> tuple[dict | None, Exception | None]:
+    """Run one cell here: its record, or the error that stopped it."""
+    try:
+        return run_cell(cell, *args), None
+    except Exception as exc:
+        return None, exc
 
 
 def _run_pool(

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sparsediff.runtime import resolve_device
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -27,13 +29,6 @@ class Dist:
     def enabled(self) -> bool:
         """True under torchrun with more than one process."""
         return self.world_size > 1
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def setup(device: str = "auto") -> Dist:

@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sparsediff.config import SparseConfig, TrainConfig
+from sparsediff.config import TrainConfig
 from sparsediff.io import write_text
-from sparsediff.sparsity import SparseTraining
+from sparsediff.sparsity import SparseSettings, SparseTraining
 from sparsediff.training.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from sparsediff.training.distributed import Dist, all_mean
 from sparsediff.training.ema import EMA
@@ -60,6 +60,9 @@ class Task:
     # parameter names whose channels a channel-sparse run may tie (sparse.tie_stream): the
     # writers of each residual-stream segment of the model
     stream_groups: list[list[str]] = field(default_factory=list)
+    # parameter names whose channels a channel-sparse run always ties: channels that only
+    # condense together (a transformer's query and key channels, which meet in one product)
+    channel_groups: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -97,13 +100,14 @@ class EpochBatches:
         return out
 
 
-def _tied(task: Task, sparse_cfg: SparseConfig) -> list[list[str]]:
-    """The channel groups the engine ties: the task's stream groups with sparse.tie_stream."""
-    if not sparse_cfg.tie_stream:
+def _tied(task: Task, sparse_cfg: SparseSettings) -> list[list[str]]:
+    """The channel groups the engine ties (channel granularity): the task's channel groups,
+    and its stream groups with sparse.tie_stream."""
+    if sparse_cfg.granularity != "channel" or sparse_cfg.method == "dense":
         return []
-    if not task.stream_groups:
+    if sparse_cfg.tie_stream and not task.stream_groups:
         raise ValueError("sparse.tie_stream = true, but this model has no residual stream to tie")
-    return task.stream_groups
+    return task.channel_groups + (task.stream_groups if sparse_cfg.tie_stream else [])
 
 
 def learning_rate(cfg: TrainConfig, world_size: int) -> float:
@@ -158,7 +162,7 @@ class Trainer:
         run_dir: str | Path,
         dist: Dist,
         seed: int = 0,
-        sparse_cfg: SparseConfig | None = None,
+        sparse_cfg: SparseSettings | None = None,
         checkpoint_name: str = "checkpoint.pt",
         log_name: str = "metrics.jsonl",
         desc: str = "train",
@@ -194,12 +198,10 @@ class Trainer:
             self.sparse = SparseTraining(
                 self.wrapped,
                 self.optimizer,
-                **sparse_cfg.engine_settings(),
+                sparse_cfg,
                 total_steps=cfg.steps,
                 ema=self.ema.module if self.ema else None,
                 seed=seed,
-                exclude=tuple(sparse_cfg.exclude),
-                include=tuple(sparse_cfg.include) or None,
                 tied=_tied(task, sparse_cfg),
             )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")

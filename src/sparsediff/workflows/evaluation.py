@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsediff.config import RunConfig, read_run_config
 from sparsediff.diffusion.samplers import SamplingSettings
 from sparsediff.imaging import save_image_grid
 from sparsediff.io import atomic_write, read_json, write_json
@@ -39,16 +38,16 @@ from sparsediff.metrics import (
     reference_key,
 )
 from sparsediff.models.condense import read_condensed_info
-from sparsediff.pipelines.base import Pipeline, sample_seeds
-from sparsediff.pipelines.run import CONFIG_FILE, load_run
+from sparsediff.pipelines import FamilyConfig, Pipeline, read_run_config, sample_seeds
+from sparsediff.runtime import resolve_device
 from sparsediff.sparsity.flops import (
     FlopReport,
     count_parameters,
     inference_flops,
     training_flops_per_step,
 )
-from sparsediff.training.distributed import resolve_device
 from sparsediff.training.tensorboard import log_scalars, stage_dir
+from sparsediff.workflows.run import CONFIG_FILE, load_run
 
 FLOORS_FILE = "floors.json"
 
@@ -142,36 +141,89 @@ def generate_shard(
     return path, seconds
 
 
-def cost_fields(
-    params_total: int,
-    params_nonzero: int,
-    inference: FlopReport,
-    decode_flops: float,
-    nfe: int,
-    train_step_flops: float,
-    samples_seen: int,
-    seconds_per_sample: float | None,
-) -> dict[str, Any]:
-    """The ``cost`` record of an evaluation: parameters and FLOPs, sparse and dense.
+@dataclass(frozen=True)
+class Cost:
+    """What a run costs: parameters and FLOPs, sparse and dense (an evaluation's ``cost``)."""
 
-    ``train_step_flops`` is per training sample (the engine's RigL-aware accounting); the dense
-    training cost is the usual 3x forward. ``seconds_per_sample`` is None when the samples came
-    from shards generated earlier.
-    """
-    return {
-        "params_total": params_total,
-        "params_nonzero": params_nonzero,
-        "params_dense_total": params_total,
-        "inference_flops": inference.sparse,
-        "inference_flops_dense": inference.dense,
-        "nfe": nfe,
-        "decode_flops": decode_flops,
-        "sample_flops": nfe * inference.sparse + decode_flops,
-        "sample_flops_dense": nfe * inference.dense + decode_flops,
-        "train_flops": train_step_flops * samples_seen,
-        "train_flops_dense": 3.0 * inference.dense * samples_seen,
-        "sampling_seconds_per_sample": seconds_per_sample,
-    }
+    params_total: int
+    params_nonzero: int
+    params_dense_total: int  # the dense model's (a condensed network's run's)
+    inference_flops: float  # per network evaluation
+    inference_flops_dense: float
+    nfe: int  # network evaluations per sample
+    decode_flops: float  # per sample, outside the denoiser (a first-stage decoder)
+    sample_flops: float
+    sample_flops_dense: float
+    train_flops: float  # the whole run, the engine's RigL-aware accounting
+    train_flops_dense: float  # the usual 3x forward
+    sampling_seconds_per_sample: float | None  # None: the samples came from earlier shards
+
+    @classmethod
+    def of(
+        cls,
+        params_total: int,
+        params_nonzero: int,
+        inference: FlopReport,
+        decode_flops: float,
+        nfe: int,
+        train_step_flops: float,
+        samples_seen: int,
+        seconds_per_sample: float | None,
+        params_dense_total: int | None = None,
+    ) -> Cost:
+        """From counts: ``train_step_flops`` is per training sample."""
+        return cls(
+            params_total=params_total,
+            params_nonzero=params_nonzero,
+            params_dense_total=params_dense_total or params_total,
+            inference_flops=inference.sparse,
+            inference_flops_dense=inference.dense,
+            nfe=nfe,
+            decode_flops=decode_flops,
+            sample_flops=nfe * inference.sparse + decode_flops,
+            sample_flops_dense=nfe * inference.dense + decode_flops,
+            train_flops=train_step_flops * samples_seen,
+            train_flops_dense=3.0 * inference.dense * samples_seen,
+            sampling_seconds_per_sample=seconds_per_sample,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A finished evaluation: what ``eval-*.json`` holds, and where it was written."""
+
+    metrics: dict[str, Any]  # FID, KID, precision, recall, sample counts
+    cost: Cost
+    protocol: dict[str, Any]  # everything that moves the numbers
+    samples_grid: str  # the first 16 evaluated samples
+    warnings: list[str]  # what a reader must know (too few references, ...)
+    metrics_vs_reconstructions: dict[str, Any] | None = None  # with a first stage only
+    record: str = ""  # the eval-*.json file
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record (without its own path)."""
+        out = {
+            "metrics": self.metrics,
+            "cost": self.cost.to_dict(),
+            "protocol": self.protocol,
+            "samples_grid": self.samples_grid,
+            "warnings": self.warnings,
+        }
+        if self.metrics_vs_reconstructions is not None:
+            out["metrics_vs_reconstructions"] = self.metrics_vs_reconstructions
+        return out
+
+
+@dataclass(frozen=True)
+class PartialEvaluation:
+    """Some seed ranges of an evaluation are generated, not all: no metrics yet."""
+
+    protocol: dict[str, Any]
+    shards: list[tuple[int, int]]
 
 
 def run_cost(
@@ -180,10 +232,10 @@ def run_cost(
     plan: EvaluationPlan,
     seconds: float | None,
     condensed: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """:func:`cost_fields` of a loaded run; of a condensed one (``condensed``: its record) the
+) -> Cost:
+    """The :class:`Cost` of a loaded run; of a condensed one (``condensed``: its record) the
     inference costs are the smaller network's, against the run's dense model."""
-    cfg: RunConfig = pipeline.cfg
+    cfg: FamilyConfig = pipeline.cfg
     device = next(denoiser.parameters()).device
     total, nonzero = count_parameters(denoiser)
     densities = {} if condensed else None  # a condensed network is dense: count all of it
@@ -200,10 +252,8 @@ def run_cost(
         *trained, s.method, s.update_interval, cfg.train.steps, s.stop_fraction
     )
     decode, nfe = pipeline.decode_flops(device), plan.sampling.steps
-    cost = cost_fields(total, nonzero, report, decode, nfe, step, samples_seen, seconds)
-    if condensed:
-        cost["params_dense_total"] = condensed["params"]
-    return cost
+    dense_total = condensed["params"] if condensed else None
+    return Cost.of(total, nonzero, report, decode, nfe, step, samples_seen, seconds, dense_total)
 
 
 class RealFeatures:
@@ -369,8 +419,9 @@ def evaluate(
     feature_module: nn.Module | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a finished run; writes and returns ``eval-*.json`` (or a partial record).
+) -> Evaluation | PartialEvaluation:
+    """Evaluate a finished run; writes ``eval-*.json`` and returns its :class:`Evaluation`
+    (a :class:`PartialEvaluation` while seed ranges are missing).
 
     Arguments left as None come from the run's ``eval`` config; ``batch_size`` changes speed and
     memory, never which samples are drawn. ``feature_module`` replaces
@@ -392,32 +443,45 @@ def evaluate(
             ema=use_ema,
         )
         batch_size = batch_size or e.batch_size
-        if plan.num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2 for FID, got {plan.num_samples}")
-        start, stop = seed_range if seed_range else (0, plan.num_samples)
-        if not 0 <= start < stop <= plan.num_samples:
-            raise ValueError(f"seed range {start}:{stop} must lie within 0:{plan.num_samples}")
-        folder = run_dir / "eval" / plan.digest()
-        shards = _shards(folder)
-        seconds = None
-        if (start, stop) not in shards:
-            path, elapsed = generate_shard(
-                pipeline, denoiser, plan, start, stop, folder, batch_size, progress
-            )
-            shards[(start, stop)] = path
-            seconds = elapsed / (stop - start)
+        shards, seconds = _generate(pipeline, denoiser, plan, seed_range, batch_size, progress)
         if not _covered(shards, plan.num_samples):
-            return {"partial": True, "protocol": plan.to_dict(), "shards": sorted(shards)}
+            return PartialEvaluation(plan.to_dict(), sorted(shards))
         real_sets = RealFeatures(
             pipeline, feature_module, batch_size, _device_of(denoiser), cache_dir, progress
         )
-        record = _score(pipeline, denoiser, plan, _assemble(shards, plan.num_samples), real_sets)
-        record["cost"] = run_cost(pipeline, denoiser, plan, seconds, read_condensed_info(run_dir))
-        path = write_json(run_dir / f"{plan.record_name()}.json", record)
+        fake = _assemble(shards, plan.num_samples)
+        cost = run_cost(pipeline, denoiser, plan, seconds, read_condensed_info(run_dir))
+        result = _score(pipeline, plan, fake, real_sets, cost)
+        path = write_json(run_dir / f"{plan.record_name()}.json", result.to_dict())
     train = pipeline.cfg.train
     if train.tensorboard:  # beside the training curves, at the final step
-        log_scalars(stage_dir(run_dir), train.steps, record["metrics"], f"{plan.record_name()}/")
-    return {**record, "record": str(path)}
+        log_scalars(stage_dir(run_dir), train.steps, result.metrics, f"{plan.record_name()}/")
+    return replace(result, record=str(path))
+
+
+def _generate(
+    pipeline: Pipeline,
+    denoiser: nn.Module,
+    plan: EvaluationPlan,
+    seed_range: tuple[int, int] | None,
+    batch_size: int,
+    progress: bool,
+) -> tuple[dict[tuple[int, int], Path], float | None]:
+    """The plan's shards after generating ``seed_range`` (default: all samples) unless it is
+    there already; and the seconds per sample it took (None when nothing was generated)."""
+    if plan.num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2 for FID, got {plan.num_samples}")
+    start, stop = seed_range if seed_range else (0, plan.num_samples)
+    if not 0 <= start < stop <= plan.num_samples:
+        raise ValueError(f"seed range {start}:{stop} must lie within 0:{plan.num_samples}")
+    folder = pipeline.run_dir / "eval" / plan.digest()
+    shards = _shards(folder)
+    if (start, stop) in shards:
+        return shards, None
+    path, elapsed = generate_shard(
+        pipeline, denoiser, plan, start, stop, folder, batch_size, progress
+    )
+    return {**shards, (start, stop): path}, elapsed / (stop - start)
 
 
 def _device_of(module: nn.Module) -> str:
@@ -426,11 +490,11 @@ def _device_of(module: nn.Module) -> str:
 
 def _score(
     pipeline: Pipeline,
-    denoiser: nn.Module,
     plan: EvaluationPlan,
     fake: torch.Tensor,
     real_sets: RealFeatures,
-) -> dict[str, Any]:
+    cost: Cost,
+) -> Evaluation:
     """Metrics of the generated images ``fake`` against the reference set (and, with a first
     stage, against its reconstructions), with the protocol and any warnings."""
     e = pipeline.cfg.eval
@@ -446,24 +510,20 @@ def _score(
     kid_subset_size = min(e.kid_subset_size, len(real), len(fake_features))
     metrics = compute_metrics(real, fake_features, kid_subset_size=kid_subset_size, seed=plan.seed)
     grid = save_image_grid(fake[:16], pipeline.run_dir / "eval-grid.png")
-    warnings = reference_warnings(e.reference_size, key["size"], key["split"], plan.num_samples)
-    record = {
-        "metrics": metrics,
-        "protocol": {
-            **plan.to_dict(),
-            "reference": key,
-            "kid_subset_size": kid_subset_size,
-            "feature_network": real_sets.identity(),
-            "device": real_sets.device,
-            "versions": _versions(),
-        },
-        "samples_grid": str(grid),
-        "warnings": warnings,
+    protocol = {
+        **plan.to_dict(),
+        "reference": key,
+        "kid_subset_size": kid_subset_size,
+        "feature_network": real_sets.identity(),
+        "device": real_sets.device,
+        "versions": _versions(),
     }
+    vs_recon = None
     if pipeline.first_stage_id() is not None:  # isolates the denoiser, the part that is sparse
-        record["protocol"]["first_stage"] = pipeline.first_stage_id()
+        protocol["first_stage"] = pipeline.first_stage_id()
         recon, _ = real_sets(e.reference_split, e.reference_size, reconstructed=True)
-        record["metrics_vs_reconstructions"] = compute_metrics(
+        vs_recon = compute_metrics(
             recon, fake_features, kid_subset_size=kid_subset_size, seed=plan.seed
         )
-    return record
+    warnings = reference_warnings(e.reference_size, key["size"], key["split"], plan.num_samples)
+    return Evaluation(metrics, cost, protocol, str(grid), warnings, vs_recon)

@@ -9,7 +9,6 @@ plain model class), ``samples.png`` and ``done.json``.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import time
@@ -21,15 +20,15 @@ import torch
 from torch import nn
 
 import sparsediff
-from sparsediff.config import RunConfig, flatten, read_run_config
+from sparsediff.config import RunConfig, flatten
 from sparsediff.folders import RUN_ENTRIES, SAMPLE_ENTRIES, check_only_ours, clear, is_run, matches
 from sparsediff.io import read_json, write_json
 from sparsediff.locks import hold
 from sparsediff.models.condense import CONDENSED_ENTRIES, load_condensed, read_condensed_info
-from sparsediff.pipelines.base import Pipeline, sample_seeds
-from sparsediff.pipelines.registry import PIPELINES, get_pipeline
+from sparsediff.pipelines import PIPELINES, Pipeline, get_pipeline, read_run_config, sample_seeds
+from sparsediff.runtime import available_memory, resolve_device, set_threads
 from sparsediff.training.checkpoint import load_checkpoint
-from sparsediff.training.distributed import Dist, barrier, resolve_device, setup
+from sparsediff.training.distributed import Dist, barrier, setup
 from sparsediff.training.loop import Trainer, seed_stage
 from sparsediff.weights import load_weights, save_compact, save_weights
 
@@ -154,11 +153,6 @@ def _check_place(run_dir: Path) -> None:
         )
 
 
-def default_threads() -> int:
-    """Half the cores, at most 8: the default does not collapse when a neighbour is busy."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
-
-
 def train(
     cfg: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -170,7 +164,7 @@ def train(
     """
     run_dir = Path(run_dir)
     pipeline = get_pipeline(cfg.pipeline)(cfg, run_dir)
-    torch.set_num_threads(cfg.train.threads or default_threads())
+    set_threads(cfg.train.threads)
     dist = setup(cfg.train.device)
     _check_place(run_dir)  # before the lock: a folder of someone else's gets no lock file
     with hold(run_dir) if dist.is_main else nullcontext():
@@ -249,17 +243,6 @@ def load_run(
     else:
         denoiser.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_FILE)["model"])
     return pipeline, denoiser.to(device).eval()
-
-
-def available_memory() -> int:
-    """Bytes of memory a new allocation can have (Linux's MemAvailable; else all of it)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _check_sample_out(out: Path, run_dir: Path) -> None:

@@ -30,16 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsediff.config import read_run_config
 from sparsediff.folders import RUN_ENTRIES, check_apart, clear, prepare_out, write_marker
 from sparsediff.io import read_json, write_text
 from sparsediff.locks import hold
 from sparsediff.models.condense import condense, read_condensed_info, save_condensed
-from sparsediff.pipelines.base import Pipeline
-from sparsediff.pipelines.chirodiff import ChiroDiff
-from sparsediff.pipelines.run import COMPACT_WEIGHTS_FILE, CONFIG_FILE, DONE_FILE, load_run
+from sparsediff.pipelines import Pipeline, read_run_config
 from sparsediff.sparsity.flops import count_parameters, inference_flops
 from sparsediff.weights import compact_size_report, parse_dtype, save_compact
+from sparsediff.workflows.run import COMPACT_WEIGHTS_FILE, CONFIG_FILE, DONE_FILE, load_run
 
 CARD_FILE = "README.md"
 
@@ -134,24 +132,6 @@ def condense_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) 
         shutil.copy2(run_dir / CONFIG_FILE, out / CONFIG_FILE)
         write_marker(out, "condensed")
     return info
-
-
-def load_exported_chirodiff(
-    out_dir: str | Path, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The plain denoiser of an exported ChiroDiff folder, and what sampling needs.
-
-    ``info``: ``config`` (a RunConfig), ``lengths``, ``pipeline`` (a ChiroDiff ready to
-    ``generate``) and ``sampling`` (the run's sample settings).
-    """
-    pipeline, denoiser = ChiroDiff.from_export(out_dir, device)
-    info = {
-        "config": pipeline.cfg,
-        "lengths": pipeline.lengths,
-        "pipeline": pipeline,
-        "sampling": pipeline.sampling(pipeline.cfg.sample),
-    }
-    return denoiser, info
 
 
 # ---------------------------------------------------------------------- model card
