@@ -23,11 +23,13 @@ medians over rounds and "x dense" is dense's median over the setting's (> 1: fas
 one forward at batch 1 of the network that runs (FlopCounterMode): the condensed network for
 channel, the dense count for masked models, whose zeros are computed.
 
-CPU defaults: the Fashion-MNIST latent UNet at block channels (64, 128) (2.8 M params), then the
-0.29 M ``fmnist`` preset; batch 64 of 8x8x3 latents, 10 DDIM steps, ΔT 4, 5 rounds, 1 torch
-thread (a shared 2-core box stalls at 2 when a neighbour is busy), about 2 minutes. CUDA: the
-LDM-4 UNet (274 M params), bf16 (sampling weights in bf16, training under bf16 autocast), batch
-16 for sampling and 8 for training on 64x64x3 latents, 50 and 75 %, 3 rounds.
+CPU defaults: the Fashion-MNIST latent UNet at block channels (64, 128) (2.8 M params), the
+0.29 M ``fmnist`` preset, then the ``fmnist`` DiT (hidden 128, 4 blocks; its channel setting
+masks query/key/value channels, queries tied to keys, and MLP neurons: ``models.dit``); batch
+64 of 8x8x3 latents, 10 DDIM steps, ΔT 4, 5 rounds, 1 torch thread (a shared 2-core box stalls
+at 2 when a neighbour is busy), about 3 minutes. CUDA: the LDM-4 UNet (274 M params) and
+DiT-S/4, bf16 (sampling weights in bf16, training under bf16 autocast), batch 16 for sampling
+and 8 for training on 64x64x3 latents, 50 and 75 %, 3 rounds.
 
     python benchmarks/real_speedup.py                    # CPU
     python benchmarks/real_speedup.py --device cuda      # ldm4, bf16
@@ -53,6 +55,7 @@ from sparsediff.diffusion.losses import epsilon_mse
 from sparsediff.diffusion.samplers import SamplingSettings, run_sampler
 from sparsediff.diffusion.schedules import make_scheduler
 from sparsediff.models.condense import condense
+from sparsediff.models.dit import CHANNEL_EXCLUDE, attention_groups, build_dit
 from sparsediff.models.unet import build_unet, stream_groups
 from sparsediff.sparsity import SparseTraining
 from sparsediff.sparsity.semistructured import to_semi_structured
@@ -60,12 +63,16 @@ from sparsediff.sparsity.semistructured import to_semi_structured
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ldm_throughput import machine, sync  # noqa: E402  (the shared harness, next to this file)
 
-MODELS = {  # name -> (preset, overrides)
-    "fmnist-64-128": ("fmnist", {"block_out_channels": (64, 128)}),
-    "fmnist": ("fmnist", {}),
-    "small": ("small", {}),
-    "ldm4": ("ldm4", {}),
+MODELS = {  # name -> (architecture, preset, overrides)
+    "fmnist-64-128": ("unet", "fmnist", {"block_out_channels": (64, 128)}),
+    "fmnist": ("unet", "fmnist", {}),
+    "small": ("unet", "small", {}),
+    "ldm4": ("unet", "ldm4", {}),
+    # the class-conditional DiTs: channel = query/key/value channels and MLP neurons
+    "dit-fmnist": ("dit", "fmnist", {}),
+    "dit-S4": ("dit", "S/4", {}),
 }
+LATENTS = {"fmnist": (3, 8), "small": (3, 64), "ldm4": (3, 64), "S/4": (3, 64)}  # (C, side)
 TARGET = ("fmnist-64-128", "channel 50%", 1.5)  # CPU target: condensed sampling >= 1.5x dense
 
 
@@ -88,26 +95,53 @@ class Setting:
     train_s: list[float] = field(default_factory=list)
 
 
-def settings_for(sparsities: list[float]) -> list[Setting]:
+def settings_for(sparsities: list[float], unet: bool) -> list[Setting]:
     out = [Setting("dense", None, 0.0)]
     out += [Setting(f"unstructured {s:.0%}", "unstructured", s) for s in sparsities]
-    out += [Setting(f"channel {s:.0%}", "channel", s, tied=True) for s in sparsities]
-    if 0.5 in sparsities:  # each writer of the stream with its own channels, for comparison
+    out += [Setting(f"channel {s:.0%}", "channel", s, tied=unet) for s in sparsities]
+    if 0.5 in sparsities and unet:  # each writer of the stream with its own channels
         out.append(Setting("channel 50% untied", "channel", 0.5))
     return out + [Setting("2:4", "2:4", 0.5)]
+
+
+def build(name: str) -> nn.Module:
+    """The dense network of ``MODELS[name]`` (a DiT for Fashion-MNIST's ten labels)."""
+    arch, preset, overrides = MODELS[name]
+    if arch == "unet":
+        return build_unet(preset, **overrides)
+    channels, side = LATENTS[preset]
+    return build_dit(preset, side, channels, 10, **overrides)
+
+
+def forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """ε of a UNet, or of a DiT for class 0 (the class changes no cost)."""
+    if hasattr(model.config, "num_embeds_ada_norm"):
+        labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        return model(x, timestep=t, class_labels=labels).sample
+    return model(x, t).sample
 
 
 def count_flops(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> int:
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(x, t)
+        forward(model, x, t)
     return counter.get_total_flops()
+
+
+def ties(setting: Setting, model: nn.Module) -> tuple[list[list[str]], tuple[str, ...]]:
+    """The tied channel groups and the excluded layers of a setting on ``model``."""
+    if not hasattr(model.config, "num_embeds_ada_norm"):  # a UNet
+        return (stream_groups(model) if setting.tied else []), ()
+    if setting.granularity == "channel":  # heads and MLP neurons, queries tied to keys
+        return attention_groups(model), CHANNEL_EXCLUDE
+    return [], ()
 
 
 def prepare(setting: Setting, base: nn.Module, args, device, x: torch.Tensor) -> None:
     """Training model + engine, then the deployed copy of the masked model."""
     setting.model = copy.deepcopy(base).to(device).train()
     setting.optimizer = torch.optim.AdamW(setting.model.parameters(), lr=1e-4)
+    tied, exclude = ties(setting, setting.model)
     with warnings.catch_warnings():  # 2:4: conv_in (27 inputs per row) stays dense
         warnings.simplefilter("ignore")
         SparseTraining(
@@ -123,7 +157,8 @@ def prepare(setting: Setting, base: nn.Module, args, device, x: torch.Tensor) ->
             total_steps=10**9,
             stop_fraction=1.0,
             seed=args.seed,
-            tied=stream_groups(setting.model) if setting.tied else (),
+            exclude=list(exclude),
+            tied=tied,
         )
     masked = copy.deepcopy(setting.model).eval()
     t1 = torch.zeros(1, dtype=torch.long, device=device)
@@ -132,7 +167,7 @@ def prepare(setting: Setting, base: nn.Module, args, device, x: torch.Tensor) ->
         deployed = condense(masked)[0].eval()
         t4 = torch.tensor([0, 250, 500, 999], device=device)
         with torch.no_grad():
-            want, got = masked(x[:4], t4).sample, deployed(x[:4], t4).sample
+            want, got = forward(masked, x[:4], t4), forward(deployed, x[:4], t4)
         rel = float((got - want).abs().max() / want.abs().max())
         setting.how = f"condensed (max |Δ| {rel:.0e} of max)"
     setting.params = sum(p.numel() for p in deployed.parameters())
@@ -152,7 +187,7 @@ def sample_once(setting: Setting, args, shape, scheduler, device) -> None:
         sync(device)
         start = time.perf_counter()
         run_sampler(
-            lambda x, t: model(x.to(dtype), t).sample.float(),
+            lambda x, t: forward(model, x.to(dtype), t).float(),
             shape,
             scheduler,
             settings,
@@ -173,7 +208,7 @@ def train_chunk(setting: Setting, args, z, scheduler, device, timed: bool = True
         setting.step += 1
         gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + setting.step)
         with torch.autocast(device.type, dtype=args.dtype, enabled=autocast):
-            loss = epsilon_mse(lambda x, t: model(x, t).sample, z, scheduler, generator=gen)
+            loss = epsilon_mse(lambda x, t: forward(model, x, t), z, scheduler, generator=gen)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -183,9 +218,8 @@ def train_chunk(setting: Setting, args, z, scheduler, device, timed: bool = True
 
 
 def bench_model(name: str, args, device) -> dict[str, float]:
-    preset, overrides = MODELS[name]
     torch.manual_seed(args.seed)
-    base = build_unet(preset, **overrides)
+    base = build(name)
     size, channels = base.config.sample_size, base.config.in_channels
     shape = (args.batch, channels, size, size)
     gen = torch.Generator().manual_seed(args.seed)
@@ -195,13 +229,13 @@ def bench_model(name: str, args, device) -> dict[str, float]:
     n_params = sum(p.numel() for p in base.parameters())
     dtype_name = str(args.dtype).removeprefix("torch.")
     print(
-        f"\n== {name}: UNet2DModel {n_params / 1e6:.2f} M params, latents "
+        f"\n== {name}: {type(base).__name__} {n_params / 1e6:.2f} M params, latents "
         f"{channels}x{size}x{size}, batch {args.batch} (training {args.train_batch}), DDIM "
         f"{args.sample_steps} steps, {dtype_name}, {device}; masks {args.distribution}, "
         f"seed {args.seed}; ΔT {args.update_interval}; {args.rounds} rounds (medians)",
         flush=True,
     )
-    settings = settings_for(args.sparsities)
+    settings = settings_for(args.sparsities, unet=MODELS[name][0] == "unet")
     for setting in settings:
         prepare(setting, base, args, device, x)
         sample_once(setting, args, shape, scheduler, device)  # warm-up, untimed
@@ -251,7 +285,9 @@ def main() -> None:
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here")
-    args.models = args.models or (["ldm4"] if cuda else ["fmnist-64-128", "fmnist"])
+    args.models = args.models or (
+        ["ldm4", "dit-S4"] if cuda else ["fmnist-64-128", "fmnist", "dit-fmnist"]
+    )
     args.sparsities = args.sparsities or ([0.5, 0.75] if cuda else [0.5, 0.75, 0.9])
     args.batch = args.batch or (16 if cuda else 64)
     args.train_batch = args.train_batch or (8 if cuda else args.batch)

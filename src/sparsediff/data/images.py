@@ -234,6 +234,21 @@ def _find_idx(root: Path, stem: str) -> Path:
     )
 
 
+# Fashion-MNIST's ten labels, by label number (its README)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
 class FashionMNIST(_SkipReportMixin, Dataset):
     """Fashion-MNIST from its IDX files: 1×``pad_to``×``pad_to`` float images in [-1, 1].
 
@@ -314,5 +329,8 @@ def build_image_dataset(
             root / folder, resolution, "train", max_train=cap, max_val=0, name=name, **kw
         )
         dataset.split = split  # the seeded cap used "train" semantics on the split's own folder
+        # its class folders (ImageNet ids) in sorted order are the labels 0..9
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        dataset.labels = np.array([classes.index(Path(f).parent.name) for f in dataset.files])
         return dataset
     return ImageFolderDataset(root, resolution, split, name=name, **kw)

@@ -26,23 +26,34 @@ SAMPLERS = ("ddim", "ddpm")
 class SamplingSettings:
     """How to run the reverse chain: everything that moves a sample besides seed and weights.
 
-    ``steps`` = network evaluations (None: 50 for DDIM, T for DDPM); ``eta`` = DDIM η;
-    ``variance_scale`` multiplies the injected noise std (ChiroDiff's variance factor).
+    ``steps`` = sampler steps (None: 50 for DDIM, T for DDPM); ``eta`` = DDIM η;
+    ``variance_scale`` multiplies the injected noise std (ChiroDiff's variance factor);
+    ``guidance_scale`` is classifier-free guidance's for a conditional model (1: none; the
+    model_fn applies it, two network evaluations per step above 1).
     """
 
     sampler: str = "ddim"
     steps: int | None = None
     eta: float = 0.0
     variance_scale: float = 1.0
+    guidance_scale: float = 1.0
+
+    @property
+    def network_evaluations(self) -> int | None:
+        """Network evaluations per sample (guidance evaluates the null class too)."""
+        if self.steps is None:
+            return None
+        return self.steps * (2 if self.guidance_scale > 1 else 1)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
-        if self.eta < 0 or self.variance_scale < 0:
+        if self.eta < 0 or self.variance_scale < 0 or self.guidance_scale < 0:
             raise ValueError(
-                f"eta and variance_scale must be >= 0, got {self.eta}, {self.variance_scale}"
+                "eta, variance_scale and guidance_scale must be >= 0, got "
+                f"{self.eta}, {self.variance_scale}, {self.guidance_scale}"
             )
 
 

@@ -228,10 +228,12 @@ class Pipeline(ABC):
         steps: int | None = None,
         eta: float | None = None,
     ) -> SamplingSettings:
-        """Sampling settings from a config section, with explicit values winning."""
+        """Sampling settings from a config section, with explicit values winning (a section
+        of a conditional family may set ``guidance_scale``)."""
         return SamplingSettings(
             sampler=sampler or section.sampler,
             steps=steps if steps is not None else section.steps,
             eta=eta if eta is not None else section.eta,
             variance_scale=self.cfg.sample.variance_scale,
+            guidance_scale=getattr(section, "guidance_scale", 1.0),
         )

@@ -16,11 +16,13 @@ from sparsediff.config import (
 )
 from sparsediff.pipelines.base import FamilyConfig, Pipeline
 from sparsediff.pipelines.chirodiff import ChiroDiff
+from sparsediff.pipelines.dit import LatentDiT
 from sparsediff.pipelines.ldm import LatentDiffusion
 
 PIPELINES: dict[str, type[Pipeline]] = {
     LatentDiffusion.name: LatentDiffusion,
     ChiroDiff.name: ChiroDiff,
+    LatentDiT.name: LatentDiT,
 }
 
 

@@ -68,9 +68,13 @@ class EvaluationPlan:
     ema: bool
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat and JSON-ready: the record's ``protocol`` and the shard folder's identity."""
+        """Flat and JSON-ready: the record's ``protocol`` and the shard folder's identity
+        (without guidance it is the record of versions that had none)."""
         flat = asdict(self)
-        return {**flat.pop("sampling"), **flat}
+        sampling = flat.pop("sampling")
+        if sampling["guidance_scale"] == 1.0:
+            del sampling["guidance_scale"]
+        return {**sampling, **flat}
 
     def digest(self) -> str:
         """Short id of the generation settings (names the shard folder)."""
@@ -80,6 +84,7 @@ class EvaluationPlan:
         """``eval-ddim50-eta0-n1000-seed0-ema``."""
         s = self.sampling
         name = f"eval-{s.sampler}{s.steps}-eta{s.eta:g}-n{self.num_samples}-seed{self.seed}"
+        name += f"-cfg{s.guidance_scale:g}" if s.guidance_scale != 1.0 else ""
         return name + ("-ema" if self.ema else "-raw")
 
 
@@ -251,7 +256,7 @@ def run_cost(
     step = training_flops_per_step(
         *trained, s.method, s.update_interval, cfg.train.steps, s.stop_fraction
     )
-    decode, nfe = pipeline.decode_flops(device), plan.sampling.steps
+    decode, nfe = pipeline.decode_flops(device), plan.sampling.network_evaluations
     dense_total = condensed["params"] if condensed else None
     return Cost.of(total, nonzero, report, decode, nfe, step, samples_seen, seconds, dense_total)
 

@@ -3,6 +3,7 @@ Attention, the GroupNorms, resamplers and head that read a narrower residual str
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -316,3 +317,29 @@ class NarrowHead(_NarrowInput):
         return y + constant_through_conv(
             self.act(u), self.fold, self.conv, x.shape[2:], y.shape[2:]
         )
+
+
+class CondensedFeedForward(nn.Module):
+    """A diffusers ``FeedForward`` (``proj`` → activation → dropout 0 → ``out``) without its
+    dead hidden neurons.
+
+    A dead neuron (a zero row of ``proj``) outputs ``act(bias)``, the same for every token: its
+    share of the output, ``out.weight[:, dead] @ act(bias[dead])``, is folded into the output
+    bias, and ``out`` reads only the live neurons. Exact for any weights.
+    """
+
+    def __init__(self, ff: nn.Module, rows: Sequence[int]) -> None:
+        super().__init__()
+        first, last = ff.net[0], ff.net[-1]
+        self.proj = sliced(first.proj, rows)
+        self.act = copy.deepcopy(first)
+        self.act.proj = nn.Identity()  # the activation module keeps its own kind of GELU
+        dead = index_of(complement(rows, first.proj.out_features))
+        self.out = sliced(last, range(last.out_features), rows)
+        with torch.no_grad():
+            constant = self.act(bias_of(first.proj)[dead])  # what each dead neuron outputs
+            self.out.bias = nn.Parameter(bias_of(last) + last.weight.detach()[:, dead] @ constant)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The block's output for all tokens."""
+        return self.out(self.act(self.proj(hidden_states)))

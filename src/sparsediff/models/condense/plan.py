@@ -10,7 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules import CondensedAttention, CondensedResnet, NarrowHead, NarrowResample
+from .modules import (
+    CondensedAttention,
+    CondensedFeedForward,
+    CondensedResnet,
+    NarrowHead,
+    NarrowResample,
+)
 from .rows import RowSparse, bias_of, complement, head_rows, index_of, live_rows, sliced
 
 _ROW_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -50,11 +56,24 @@ def _attention_issue(attn: nn.Module) -> str | None:
     return None
 
 
-def _kinds() -> tuple[type, type]:
+def _kinds() -> tuple[type, type, type]:
+    from diffusers.models.attention import FeedForward
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
 
-    return ResnetBlock2D, Attention
+    return ResnetBlock2D, Attention, FeedForward
+
+
+def _feedforward_issue(ff: nn.Module) -> str | None:
+    """Why a FeedForward cannot be condensed (None: it can): proj → act → dropout 0 → out."""
+    net = list(ff.net)
+    if len(net) != 3 or not isinstance(getattr(net[0], "proj", None), nn.Linear):
+        return "not proj, activation, dropout, output"
+    if not isinstance(net[1], nn.Dropout) or net[1].p != 0 or not isinstance(net[2], nn.Linear):
+        return "dropout > 0 or no Linear output"
+    if type(net[0]).__name__ not in ("GELU", "ApproximateGELU") or net[0].proj.bias is None:
+        return f"activation {type(net[0]).__name__} (gated or without bias)"
+    return None
 
 
 def alive(weight: torch.Tensor) -> torch.Tensor:
@@ -135,14 +154,15 @@ def plan_condense(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Which modules to rewrite and which rows they keep, read from the weights' zero rows.
 
     Entries (JSON-ready): ``{"kind": "resnet", "conv1", "conv2", "shortcut", "inputs",
-    "outputs"}``, ``{"kind": "attention", "qk", "v", "out", "inputs"}``, ``{"kind": "rows",
+    "outputs"}``, ``{"kind": "attention", "qk", "v", "out", "inputs"}``, ``{"kind":
+    "feedforward", "rows"}`` (a transformer's MLP: its live hidden neurons), ``{"kind": "rows",
     "rows"}``, and where a UNet's residual stream has dead channels (:func:`_stream`)
     ``{"kind": "slice", "rows"}`` (conv_in), ``{"kind": "resample", "inputs", "outputs"}`` and
     ``{"kind": "head", "inputs"}`` (conv_norm_out, conv_act, conv_out), with lists of kept row
     or channel indices (``inputs``/``outputs`` None: all). Modules without a dead row, on a
     stream without dead channels, are left out.
     """
-    resnet_cls, attention_cls = _kinds()
+    resnet_cls, attention_cls, feedforward_cls = _kinds()
     stream = _stream(model)
     plan: dict[str, dict[str, Any]] = {}
     inside: list[str] = []  # blocks rewritten as a whole own their layers
@@ -170,6 +190,9 @@ def plan_condense(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "inputs": _rows_of(inputs),
             }
             sizes = [module.to_k.out_features] * 2 + [module.to_out[0].out_features]
+        elif isinstance(module, feedforward_cls) and _feedforward_issue(module) is None:
+            entry = {"kind": "feedforward", "rows": live_rows(module.net[0].proj.weight)}
+            sizes = [module.net[0].proj.out_features]
         elif narrow and name == "conv_in":
             entry, sizes = {"kind": "slice", "rows": _rows_of(outputs)}, []
         elif narrow and name == "conv_norm_out":
@@ -184,7 +207,8 @@ def plan_condense(model: nn.Module) -> dict[str, dict[str, Any]]:
             continue
         if not narrow:  # reads and writes all of its stream's channels
             entry.update(dict.fromkeys(("inputs", "outputs") & entry.keys()))
-        kept = [entry[k] for k in ("conv1", "conv2", "shortcut", "qk", "v", "out") if entry.get(k)]
+        keys = ("conv1", "conv2", "shortcut", "qk", "v", "out", "rows")
+        kept = [entry[k] for k in keys if entry.get(k)]
         if narrow or any(len(rows) < size for rows, size in zip(kept, sizes)):
             plan[name] = entry
             inside.append(name + ".")
@@ -230,6 +254,8 @@ def apply_plan(
             new = CondensedAttention(module, entry["qk"], entry["v"], entry["out"], inputs, const)
         elif kind == "rows":
             new = RowSparse(module, entry["rows"])
+        elif kind == "feedforward":
+            new = CondensedFeedForward(module, entry["rows"])
         elif kind == "slice":
             new = sliced(module, entry["rows"])
         elif kind == "resample":
