@@ -27,9 +27,10 @@ CPU defaults: the Fashion-MNIST latent UNet at block channels (64, 128) (2.8 M p
 0.29 M ``fmnist`` preset, then the ``fmnist`` DiT (hidden 128, 4 blocks; its channel setting
 masks query/key/value channels, queries tied to keys, and MLP neurons: ``models.dit``); batch
 64 of 8x8x3 latents, 10 DDIM steps, ΔT 4, 5 rounds, 1 torch thread (a shared 2-core box stalls
-at 2 when a neighbour is busy), about 3 minutes. CUDA: the LDM-4 UNet (274 M params) and
-DiT-S/4, bf16 (sampling weights in bf16, training under bf16 autocast), batch 16 for sampling
-and 8 for training on 64x64x3 latents, 50 and 75 %, 3 rounds.
+at 2 when a neighbour is busy), and ChiroDiff's bi-GRU on 52-point sketches (its ``unit``
+setting masks whole hidden units, which a condensed GRU drops), about 4 minutes. CUDA: the
+LDM-4 UNet (274 M params) and DiT-S/4, bf16 (sampling weights in bf16, training under bf16
+autocast), batch 16 for sampling and 8 for training on 64x64x3 latents, 50 and 75 %, 3 rounds.
 
     python benchmarks/real_speedup.py                    # CPU
     python benchmarks/real_speedup.py --device cuda      # ldm4, bf16
@@ -54,6 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sparsediff.diffusion.losses import epsilon_mse
 from sparsediff.diffusion.samplers import SamplingSettings, run_sampler
 from sparsediff.diffusion.schedules import make_scheduler
+from sparsediff.models.chirodiff import BiGRUDenoiser
 from sparsediff.models.condense import condense
 from sparsediff.models.dit import CHANNEL_EXCLUDE, attention_groups, build_dit
 from sparsediff.models.unet import build_unet, stream_groups
@@ -71,6 +73,8 @@ MODELS = {  # name -> (architecture, preset, overrides)
     # the class-conditional DiTs: channel = query/key/value channels and MLP neurons
     "dit-fmnist": ("dit", "fmnist", {}),
     "dit-S4": ("dit", "S/4", {}),
+    # ChiroDiff's bi-GRU (3 x 96, 0.417 M params) on 52-point sketches: unit = hidden units
+    "chirodiff": ("birnn", "kanjivg", {}),
 }
 LATENTS = {"fmnist": (3, 8), "small": (3, 64), "ldm4": (3, 64), "S/4": (3, 64)}  # (C, side)
 TARGET = ("fmnist-64-128", "channel 50%", 1.5)  # CPU target: condensed sampling >= 1.5x dense
@@ -95,13 +99,17 @@ class Setting:
     train_s: list[float] = field(default_factory=list)
 
 
-def settings_for(sparsities: list[float], unet: bool) -> list[Setting]:
+def settings_for(sparsities: list[float], arch: str) -> list[Setting]:
+    unet, structured = arch == "unet", "unit" if arch == "birnn" else "channel"
     out = [Setting("dense", None, 0.0)]
     out += [Setting(f"unstructured {s:.0%}", "unstructured", s) for s in sparsities]
-    out += [Setting(f"channel {s:.0%}", "channel", s, tied=unet) for s in sparsities]
+    out += [Setting(f"{structured} {s:.0%}", structured, s, tied=unet) for s in sparsities]
     if 0.5 in sparsities and unet:  # each writer of the stream with its own channels
         out.append(Setting("channel 50% untied", "channel", 0.5))
     return out + [Setting("2:4", "2:4", 0.5)]
+
+
+SKETCH_POINTS = 52  # ChiroDiff: a KanjiVG character's points at the preset's resampling
 
 
 def build(name: str) -> nn.Module:
@@ -109,12 +117,18 @@ def build(name: str) -> nn.Module:
     arch, preset, overrides = MODELS[name]
     if arch == "unet":
         return build_unet(preset, **overrides)
+    if arch == "birnn":
+        return BiGRUDenoiser(hidden=96, layers=3, time_dim=8, num_timesteps=35, **overrides)
     channels, side = LATENTS[preset]
     return build_dit(preset, side, channels, 10, **overrides)
 
 
 def forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """ε of a UNet, or of a DiT for class 0 (the class changes no cost)."""
+    """ε of a UNet, of a DiT for class 0 (the class changes no cost), or of a sequence model
+    for sketches of full length."""
+    if not hasattr(model, "config"):  # ChiroDiff's sequence denoiser
+        lengths = torch.full((len(x),), x.shape[1], dtype=torch.long, device=x.device)
+        return model(x, t, lengths)
     if hasattr(model.config, "num_embeds_ada_norm"):
         labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
         return model(x, timestep=t, class_labels=labels).sample
@@ -130,6 +144,8 @@ def count_flops(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> int:
 
 def ties(setting: Setting, model: nn.Module) -> tuple[list[list[str]], tuple[str, ...]]:
     """The tied channel groups and the excluded layers of a setting on ``model``."""
+    if not hasattr(model, "config"):  # a GRU: its units are the granularity's own groups
+        return [], ()
     if not hasattr(model.config, "num_embeds_ada_norm"):  # a UNet
         return (stream_groups(model) if setting.tied else []), ()
     if setting.granularity == "channel":  # heads and MLP neurons, queries tied to keys
@@ -163,7 +179,7 @@ def prepare(setting: Setting, base: nn.Module, args, device, x: torch.Tensor) ->
     masked = copy.deepcopy(setting.model).eval()
     t1 = torch.zeros(1, dtype=torch.long, device=device)
     deployed, setting.how = masked, "dense" if setting.granularity is None else "masked dense"
-    if setting.granularity == "channel":
+    if setting.granularity in ("channel", "unit"):
         deployed = condense(masked)[0].eval()
         t4 = torch.tensor([0, 250, 500, 999], device=device)
         with torch.no_grad():
@@ -220,22 +236,26 @@ def train_chunk(setting: Setting, args, z, scheduler, device, timed: bool = True
 def bench_model(name: str, args, device) -> dict[str, float]:
     torch.manual_seed(args.seed)
     base = build(name)
-    size, channels = base.config.sample_size, base.config.in_channels
-    shape = (args.batch, channels, size, size)
+    if hasattr(base, "config"):
+        size, channels = base.config.sample_size, base.config.in_channels
+        shape = (args.batch, channels, size, size)
+    else:  # sketches: (batch, points, 3)
+        size, channels = SKETCH_POINTS, 3
+        shape = (args.batch, size, channels)
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(shape, generator=gen).to(device)
-    z = torch.randn((args.train_batch, channels, size, size), generator=gen).to(device)
+    z = torch.randn((args.train_batch, *shape[1:]), generator=gen).to(device)
     scheduler = make_scheduler("ldm", 1000)
     n_params = sum(p.numel() for p in base.parameters())
     dtype_name = str(args.dtype).removeprefix("torch.")
     print(
-        f"\n== {name}: {type(base).__name__} {n_params / 1e6:.2f} M params, latents "
-        f"{channels}x{size}x{size}, batch {args.batch} (training {args.train_batch}), DDIM "
+        f"\n== {name}: {type(base).__name__} {n_params / 1e6:.2f} M params, samples "
+        f"{'x'.join(map(str, shape[1:]))}, batch {args.batch} (training {args.train_batch}), DDIM "
         f"{args.sample_steps} steps, {dtype_name}, {device}; masks {args.distribution}, "
         f"seed {args.seed}; ΔT {args.update_interval}; {args.rounds} rounds (medians)",
         flush=True,
     )
-    settings = settings_for(args.sparsities, unet=MODELS[name][0] == "unet")
+    settings = settings_for(args.sparsities, MODELS[name][0])
     for setting in settings:
         prepare(setting, base, args, device, x)
         sample_once(setting, args, shape, scheduler, device)  # warm-up, untimed

@@ -318,3 +318,79 @@ def test_tied_stream_condensed_model_saves_and_loads(single_thread, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x, t).sample, condensed(x, t).sample)
         torch.testing.assert_close(loaded(x, t).sample, masked(x, t).sample)
+
+
+def _unit_sparse_gru(distribution="erk", dtype=torch.float64):
+    from sparsediff.models.chirodiff import BiGRUDenoiser
+
+    torch.manual_seed(0)
+    model = BiGRUDenoiser(hidden=24, layers=3, time_dim=8, num_timesteps=35).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparse = SparseTraining(
+        model,
+        opt,
+        method="static",
+        sparsity=0.5,
+        granularity="unit",
+        distribution=distribution,
+        total_steps=10,
+    )
+    sparse.remove()
+    with torch.no_grad():  # the layers around the GRU keep biases of every size
+        model.proj.bias.add_(torch.randn_like(model.proj.bias))
+    return model.eval()
+
+
+def _sketch_inputs(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 12, 3, generator=gen, dtype=dtype)
+    return x, torch.tensor([0, 7, 20, 30, 34]), torch.tensor([12, 9, 5, 3, 1])
+
+
+@pytest.mark.parametrize("distribution", ["erk", "uniform"])
+def test_condensed_gru_equals_the_unit_sparse_one(distribution):
+    model = _unit_sparse_gru(distribution)
+    condensed, plan = cd.condense(model)
+    widths = [len(layer[0]) for layer in plan["gru"]["keep"]]
+    assert plan["gru"]["kind"] == "gru" and max(widths) < 24
+    x, t, lengths = _sketch_inputs()
+    with torch.no_grad():
+        want, got = model(x, t, lengths), condensed(x, t, lengths)
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+    assert sum(p.numel() for p in condensed.parameters()) < sum(
+        p.numel() for p in model.parameters()
+    )
+
+
+def test_a_dead_unit_is_zero_only_with_its_biases():
+    # the reason the unit's biases go with it: with a new-gate bias a dead unit's state is
+    # c(1 - z^t), a function of time that no fold could carry
+    model = _unit_sparse_gru()
+    condensed, plan = cd.condense(model)
+    dead = sorted(set(range(24)) - set(plan["gru"]["keep"][0][0]))[0]
+    with torch.no_grad():
+        model.gru.bias_ih_l0[2 * 24 + dead] = 0.5  # the new gate's bias of a dead unit
+    x, t, lengths = _sketch_inputs()
+    with torch.no_grad():
+        gap = (condensed(x, t, lengths) - model(x, t, lengths)).abs().max()
+    assert gap > 1e-6
+
+
+def test_a_wrong_gru_plan_is_caught(tmp_path):
+    model = _unit_sparse_gru()
+    condensed, plan = cd.condense(model)
+    keep = plan["gru"]["keep"]
+    keep[1][0] = keep[1][0][:-1] + [next(j for j in range(24) if j not in keep[1][0])]
+    wrong = cd.apply_plan(copy.deepcopy(model), plan)  # drops a live unit of layer 1
+    x, t, lengths = _sketch_inputs()
+    with torch.no_grad():
+        assert (wrong(x, t, lengths) - model(x, t, lengths)).abs().max() > 1e-6
+    # the right plan saves and loads: the narrow GRUs come back from the file
+    condensed, plan = cd.condense(model)
+    cd.save_condensed(condensed, plan, tmp_path)
+    from sparsediff.models.chirodiff import BiGRUDenoiser
+
+    plain = BiGRUDenoiser(hidden=24, layers=3, time_dim=8, num_timesteps=35).double()
+    loaded = cd.load_condensed(plain, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, lengths), condensed(x, t, lengths))

@@ -95,10 +95,10 @@ def squares(monkeypatch):
 
 
 def test_unknown_pipeline_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(ValueError, match="registered: ldm, chirodiff"):
-        get_pipeline("dit")
-    code = main(["train", "ldm-tiny", "--run-dir", str(tmp_path), "--set", "pipeline=dit"])
-    assert code == 2 and "pipeline = 'dit'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="registered: ldm, chirodiff, dit"):
+        get_pipeline("mmdit")
+    code = main(["train", "ldm-tiny", "--run-dir", str(tmp_path), "--set", "pipeline=mmdit"])
+    assert code == 2 and "pipeline = 'mmdit'" in capsys.readouterr().err
 
 
 SQUARES_PRESET = """

@@ -322,3 +322,135 @@ def test_load_state_dict_checks_granularity_and_reads_old_states():
     del old["granularity"]  # a state saved before granularity existed is unstructured
     other.load_state_dict(old)
     assert other.granularity == "unstructured" and math.isclose(other.density, 0.5, abs_tol=0.01)
+
+
+def _gru_model():
+    from sparsediff.models.chirodiff import BiGRUDenoiser
+
+    torch.manual_seed(0)
+    return BiGRUDenoiser(hidden=16, layers=2, time_dim=8, num_timesteps=35)
+
+
+def _gru_units(model):
+    """Per GRU layer and direction: (live units, every member agrees)."""
+    g, out = model.gru, []
+    for layer in range(2):
+        for sfx in ("", "_reverse"):
+            w = getattr(g, f"weight_ih_l{layer}{sfx}").view(3, 16, -1).ne(0).any(-1)
+            live = w.any(0)
+            hh = getattr(g, f"weight_hh_l{layer}{sfx}").view(3, 16, 16).ne(0)
+            biases = [
+                getattr(g, f"{k}_l{layer}{sfx}").view(3, 16).ne(0) for k in ("bias_ih", "bias_hh")
+            ]
+            agree = bool((w == live).all()) and not bool(
+                hh[:, ~live].any() or hh[:, :, ~live].any()
+            )
+            agree = agree and not any(bool(b[:, ~live].any()) for b in biases)
+            out.append((int(live.sum()), agree))
+    return out
+
+
+def test_unit_granularity_masks_whole_gru_units_and_keeps_them_through_updates():
+    model = _gru_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sparse = SparseTraining(
+        model,
+        opt,
+        method="rigl",
+        sparsity=0.5,
+        granularity="unit",
+        distribution="uniform",
+        update_interval=2,
+        total_steps=20,
+    )
+    assert "gru.bias_ih_l0" in sparse.masks  # the biases go with their units
+    assert sparse.density == pytest.approx(0.5, abs=0.05)  # the recurrent weight's square
+    before = [u for u, _ in _gru_units(model)]
+    for _ in range(6):
+        x, t = torch.randn(4, 10, 3), torch.randint(0, 35, (4,))
+        model(x, t, torch.tensor([10, 7, 5, 3])).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert sparse.stats()["last_update_step"] == 6  # the engine updated the units
+    units = _gru_units(model)
+    assert all(agree for _, agree in units) and [u for u, _ in units] == before
+    again = _gru_model()  # resume: the masks come back from the state
+    resumed = SparseTraining(
+        again,
+        torch.optim.AdamW(again.parameters(), lr=1e-2),
+        method="rigl",
+        sparsity=0.5,
+        granularity="unit",
+        distribution="uniform",
+        update_interval=2,
+        total_steps=20,
+    )
+    resumed.load_state_dict(sparse.state_dict())
+    assert all(torch.equal(resumed.masks[n], m) for n, m in sparse.masks.items())
+
+
+def test_chase_removes_the_thinnest_channels_on_schedule_and_keeps_the_density():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sparse = SparseTraining(
+        model,
+        opt,
+        method="rigl",
+        sparsity=0.5,
+        granularity="chase",
+        channel_sparsity=0.5,
+        distribution="uniform",
+        update_interval=2,
+        prune_ratio=0.3,
+        total_steps=40,
+        stop_fraction=0.5,
+    )
+    density = sparse.density
+    removed = []
+    for _ in range(40):
+        x = torch.randn(16, 32)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        rows = (~sparse.masks["0.weight"].any(dim=1)).sum().item()
+        removed.append(rows)
+    assert removed[0] < removed[9] <= removed[-1] == 32  # gradually, half the rows by the stop
+    assert removed == sorted(removed)  # a removed row never comes back
+    assert sparse.density == pytest.approx(density, abs=0.01)  # moved, not lost
+    dead = ~sparse.masks["0.weight"].any(dim=1)
+    assert model[0].weight[dead].eq(0).all()  # zeros, which condense reads
+
+
+def test_constant_fan_in_holds_and_rows_without_salient_weights_are_ablated():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    with torch.no_grad():  # a third of the first layer's rows barely matter
+        model[0].weight[::3] *= 1e-3
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sparse = SparseTraining(
+        model,
+        opt,
+        method="rigl",
+        sparsity=0.5,
+        granularity="fanin",
+        min_salient=0.5,
+        distribution="uniform",
+        update_interval=2,
+        prune_ratio=0.5,
+        total_steps=40,
+    )
+    mask = sparse.masks["0.weight"]
+    assert set(mask.sum(dim=1).tolist()) == {16}  # half of 32 inputs in every row
+    active = int(mask.sum())
+    for _ in range(12):
+        model(torch.randn(16, 32)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    mask = sparse.masks["0.weight"]
+    fan = mask.sum(dim=1)
+    live = fan > 0
+    assert 0 < int((~live).sum()) < 64  # some rows ablated, not all
+    assert fan[live].max() - fan[live].min() <= 1  # the live rows share one fan-in (up to 1)
+    assert int(mask.sum()) == active  # the count kept
+    assert model[0].weight[~live].eq(0).all()

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from .granularity import parse_granularity
+from .granularity import Unstructured, parse_granularity
 from .methods import METHODS
 from .schedules import is_update_step, prune_fraction, stop_step
 from .scores import LayerScores, seeded_generator
@@ -49,6 +49,7 @@ class _Layer:
     ever: torch.Tensor  # bool: ever active (in-time over-parameterisation)
     active: int  # number of True entries, kept on the host so no step needs a sync
     units: tuple[int, ...] | None  # shape of the granularity's unit view; None: always dense
+    view: Unstructured  # how its units are seen (the granularity, or a GRU unit's part of it)
 
 
 def check_settings(prefix: str = "", **settings: Any) -> None:
@@ -92,6 +93,31 @@ def _maskable(
             f"optimizer must hold every maskable parameter of model; missing {missing[:5]}"
         )
     return params
+
+
+def _structured(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    settings: SparseSettings,
+    granularity: Unstructured,
+) -> tuple[dict[str, nn.Parameter], dict[str, Unstructured], list[list[str]]]:
+    """The maskable parameters, each one's unit view, and the groups the granularity itself
+    ties (``unit``: a GRU layer and direction, biases included)."""
+    params = _maskable(model, optimizer, settings)
+    structure = getattr(granularity, "structure", None)
+    if structure is None or METHODS[settings.method].all_dense:
+        return params, dict.fromkeys(params, granularity), []
+    inner = unwrap(model)
+    views, groups = structure(inner, list(params))
+    named = dict(inner.named_parameters())
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    extra = {n: named[n] for group in groups for n in group if n not in params}
+    missing = [name for name, p in extra.items() if id(p) not in held]
+    if missing:
+        raise ValueError(f"optimizer must hold the unit members of model; missing {missing[:5]}")
+    order = {name: i for i, name in enumerate(named)}  # parameter order, biases in place
+    params = dict(sorted({**params, **extra}.items(), key=lambda kv: order[kv[0]]))
+    return params, {name: views[name] for name in params}, groups
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -198,20 +224,24 @@ class SparseTraining:
         settings = settings.resolved()
         self._config = _engine_config(settings, total_steps, seed)
         optimizer = _torch_optimizer(optimizer)
-        params = _maskable(model, optimizer, settings)
+        self._granularity = parse_granularity(
+            settings.granularity,
+            channel_sparsity=settings.channel_sparsity,
+            min_salient=settings.min_salient,
+        )
+        params, views, unit_groups = _structured(model, optimizer, settings, self._granularity)
         names = [name for name, _ in unwrap(model).named_parameters()]
         _resolve_ema(ema, names, params)
-        groups = _check_tied(tied, params, settings.granularity)
+        groups = _check_tied([*tied, *unit_groups], params, settings.granularity, views)
         self._settings = settings
         self._method = METHODS[settings.method]
-        self._granularity = parse_granularity(settings.granularity)
         self._model = unwrap(model)
         self._optimizer = optimizer
         self._ema = ema
         self._names = names
         self._step = 0
         self._last: dict[str, Any] = _no_update(list(params))
-        self._layers = self._initial_layers(params, groups, settings, seed)
+        self._layers = self._initial_layers(params, views, groups, settings, seed)
         by_name = {layer.name: layer for layer in self._layers}
         lead = {name for group in groups for name in group}
         self._tied = [list(group) for group in groups]
@@ -229,6 +259,7 @@ class SparseTraining:
     def _initial_layers(
         self,
         params: dict[str, nn.Parameter],
+        views: dict[str, Unstructured],
         groups: list[list[str]],
         settings: SparseSettings,
         seed: int,
@@ -236,6 +267,7 @@ class SparseTraining:
         """The layers with their initial masks: random units at each layer's density (a tied
         group draws once, for its first member)."""
         shapes = {name: tuple(p.shape) for name, p in params.items()}
+        unit_shapes = {name: views[name].unit_shape(shape) for name, shape in shapes.items()}
         plan = self._method.plan(
             shapes,
             self._granularity,
@@ -243,10 +275,11 @@ class SparseTraining:
             settings.distribution,
             settings.erk_power_scale,
             groups,
+            views,
         )
         # Layers the granularity cannot structure (n:m with a row length not a multiple of m);
         # not worth a word for the dense baseline, which structures nothing.
-        cannot = [n for n, s in shapes.items() if self._granularity.unit_shape(s) is None]
+        cannot = [n for n, u in unit_shapes.items() if u is None]
         self._kept_dense = [] if self._method.all_dense else cannot
         if self._kept_dense:
             warnings.warn(
@@ -257,17 +290,18 @@ class SparseTraining:
         layers, drawn = [], {}  # drawn: a tied group's units, drawn for its first member
         lead = {name: group[0] for group in groups for name in group}
         for index, (name, param) in enumerate(params.items()):
-            units = None if plan[name] is None else self._granularity.unit_shape(param.shape)
+            view = views[name]
+            units = None if plan[name] is None else unit_shapes[name]
             if units is None or plan[name] == math.prod(units):
                 mask = torch.ones(param.shape, dtype=torch.bool)
             else:
                 key = lead.get(name, name)
                 if key not in drawn:
                     generator = seeded_generator(seed, 0, index)
-                    drawn[key] = self._granularity.random_units(units, plan[name], generator)
-                mask = self._granularity.expand(drawn[key], param.shape)
+                    drawn[key] = view.random_units(units, plan[name], generator)
+                mask = view.expand(drawn[key], param.shape)
             mask = mask.to(param.device)
-            layer = _Layer(name, index, param, mask, mask, mask.clone(), 0, units)
+            layer = _Layer(name, index, param, mask, mask, mask.clone(), 0, units, view)
             layers.append(layer)
             self._refresh(layer)
         return layers
@@ -326,7 +360,8 @@ class SparseTraining:
                 self._step, cfg["update_interval"], last
             ):
                 self._update(
-                    prune_fraction(self._step, cfg["prune_ratio"], cfg["prune_schedule"], last)
+                    prune_fraction(self._step, cfg["prune_ratio"], cfg["prune_schedule"], last),
+                    min(1.0, self._step / last) if last > 0 else 1.0,
                 )
 
     def _optimizer_state(self, layer: _Layer) -> list[torch.Tensor]:
@@ -377,7 +412,7 @@ class SparseTraining:
     def _forget_state_lists(self, *args: Any) -> None:
         self._state_lists: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
-    def _update(self, fraction: float) -> None:
+    def _update(self, fraction: float, progress: float = 1.0) -> None:
         """Drop and regrow ``fraction`` of every layer's active units (the reference RigL rule).
 
         A just-dropped unit may be regrown; it keeps its value and optimizer state. Only the
@@ -386,7 +421,7 @@ class SparseTraining:
         are joined by their L2 norm (the norm of the channel's weights over all members).
         """
         start = time.perf_counter()
-        method, granularity = self._method, self._granularity
+        method = self._method
         emas = self._ema_tensors()
         dropped = {layer.name: 0 for layer in self._layers}
         grown = dict(dropped)
@@ -395,26 +430,29 @@ class SparseTraining:
             if lead.units is None:
                 continue
             units = math.prod(lead.units)
-            active = lead.active * units // lead.param.numel()  # units hold as many weights
+            current = lead.view.units(lead.mask)
+            active = int(current.sum())
             k = math.floor(fraction * active)  # as in the reference: int(p * active)
             # A dense layer can only regrow what it drops; without a gradient RigL cannot rank.
             no_grad = any(m.param.grad is None for m in members)
-            if k == 0 or active == units or (method.needs_dense_grad and no_grad):
+            idle = k == 0 and not lead.view.scheduled  # a schedule may still remove rows
+            if idle or active == units or (method.needs_dense_grad and no_grad):
                 continue
             scores = [
                 LayerScores(
-                    m.param, m.param.grad, granularity, self._config["seed"], self._step, m.index
+                    m.param, m.param.grad, m.view, self._config["seed"], self._step, m.index
                 )
                 for m in members
             ]
-            chosen = granularity.select(
-                granularity.units(lead.mask),
+            chosen = lead.view.select(
+                current,
                 _joined([method.drop_score(s) for s in scores]),
                 _joined([method.grow_score(s) for s in scores]),
                 k,
+                progress,
             )
             for layer in members:
-                new = granularity.expand(chosen, layer.param.shape)
+                new = layer.view.expand(chosen, layer.param.shape)
                 dropped[layer.name] = grown[layer.name] = self._set_mask(layer, new, emas)
         self._forget_state_lists()  # masks in another dtype were copied
         if any(layer.param.is_cuda for layer in self._layers):
@@ -588,7 +626,13 @@ class SparseTraining:
         """Restore masks, step and schedule, and re-apply the masks to model (and EMA)."""
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"state must come from SparseTraining.state_dict ({_STATE_FORMAT})")
-        state = {"granularity": "unstructured", **state}  # saved before granularity existed
+        # saved before granularity (and chase's channel_sparsity) existed: their defaults
+        state = {
+            "granularity": "unstructured",
+            "channel_sparsity": 0.5,
+            "min_salient": 0.3,
+            **state,
+        }
         for key in ("method", "granularity"):
             if state[key] != self._config[key]:
                 raise ValueError(
@@ -638,13 +682,16 @@ def _joined(scores: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _check_tied(
-    tied: Iterable[Iterable[str]], params: Mapping[str, nn.Parameter], granularity: str
+    tied: Iterable[Iterable[str]],
+    params: Mapping[str, nn.Parameter],
+    granularity: str,
+    views: Mapping[str, Unstructured],
 ) -> list[list[str]]:
     """``tied`` as lists of names in parameter order, validated; groups of one are dropped."""
     order = {name: i for i, name in enumerate(params)}
     groups = [sorted(set(group), key=lambda n: order.get(n, -1)) for group in tied]
     groups = [group for group in groups if len(group) > 1]
-    if groups and granularity != "channel":
+    if groups and granularity not in ("channel", "unit"):
         raise ValueError(f"tied channels need granularity 'channel', got {granularity!r}")
     seen: set[str] = set()
     for group in groups:
@@ -654,7 +701,7 @@ def _check_tied(
         if seen & set(group):
             raise ValueError(f"tied groups overlap at {sorted(seen & set(group))[:3]}")
         seen |= set(group)
-        rows = {params[name].shape[0] for name in group}
+        rows = {views[name].unit_shape(params[name].shape)[0] for name in group}
         if len(rows) > 1:
             raise ValueError(f"tied parameters {group[:3]}... have different row counts {rows}")
     return groups

@@ -31,22 +31,31 @@ class Method:
         distribution: str,
         erk_power_scale: float,
         tied: Sequence[Sequence[str]] = (),
+        views: Mapping[str, Unstructured] | None = None,
     ) -> dict[str, int | None]:
         """Active units per layer (None: dense).
 
-        A ``tied`` group of layers (channel granularity, equal row counts) is planned as one
-        layer with its members' rows side by side, at the density the distribution gives its
-        members together, so every member keeps the same number of channels.
+        A ``tied`` group of layers (channel granularity, equal unit counts) is planned as one
+        layer with its members' units side by side, at the density the distribution gives its
+        members together, so every member keeps the same number of units. A group whose units
+        hold a number of weights that is not proportional to their count (``views``: a GRU's
+        hidden units, ``granularity.Unit``) gets the unit count whose weights come closest.
         """
         if self.all_dense:
             return dict.fromkeys(shapes)
         densities = layer_densities(shapes, sparsity, distribution, erk_power_scale)
+        views = views or dict.fromkeys(shapes, granularity)
+        curved = [g for g in tied if not all(views[n].linear for n in g)]
+        tied = [g for g in tied if g not in curved]
         merged_shapes, merged_densities = dict(shapes), dict(densities)
+        for group in curved:
+            for name in group:
+                del merged_shapes[name], merged_densities[name]
         for group in tied:
             numel = {name: math.prod(shapes[name]) for name in group}
             for name in group:
                 del merged_shapes[name], merged_densities[name]
-            rows = shapes[group[0]][0]
+            rows = views[group[0]].unit_shape(shapes[group[0]])[0]
             merged_shapes[group[0]] = (rows, sum(numel.values()) // rows)
             merged_densities[group[0]] = sum(densities[n] * numel[n] for n in group) / sum(
                 numel.values()
@@ -54,6 +63,14 @@ class Method:
         plan = granularity.plan(merged_shapes, merged_densities)
         for group in tied:
             plan.update(dict.fromkeys(group[1:], plan[group[0]]))
+        for group in curved:
+            target = sum(densities[n] * math.prod(shapes[n]) for n in group)
+            count = views[group[0]].unit_shape(shapes[group[0]])[0]
+
+            def gap(active: int, group: Sequence[str] = group, target: float = target) -> float:
+                return abs(sum(views[n].weights(active, shapes[n]) for n in group) - target)
+
+            plan.update(dict.fromkeys(group, min(range(1, count + 1), key=gap)))
         return {name: plan[name] for name in shapes}
 
     def __repr__(self) -> str:

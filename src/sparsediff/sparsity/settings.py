@@ -58,8 +58,16 @@ class SparseSettings:
         prune_ratio: p, fraction of a layer's active weights swapped per update, in (0, 1].
         prune_schedule: decay of p: ``"constant"``, ``"cosine"`` or ``"linear"``.
         stop_fraction: no mask updates after ``stop_fraction * total_steps`` steps.
-        granularity: ``"unstructured"`` (single weights), ``"channel"`` (whole rows) or
-            ``"n:m"`` such as ``"2:4"`` (n of every m consecutive weights of a row).
+        granularity: ``"unstructured"`` (single weights), ``"channel"`` (whole rows),
+            ``"unit"`` (whole rows, and a GRU's whole hidden units), ``"chase"`` (single weights,
+            the thinnest rows removed on a schedule: ``channel_sparsity``), ``"fanin"`` (a
+            constant number of weights per live row, rows with too few salient weights
+            ablated: ``min_salient``) or ``"n:m"`` such as ``"2:4"`` (n of every m consecutive
+            weights of a row).
+        channel_sparsity: with ``chase``: the fraction of each layer's rows removed by the last
+            mask update.
+        min_salient: with ``fanin``: a live row keeps at least this fraction of its fan-in
+            salient at an update, or it is ablated.
         tie_stream: with ``channel``: the layers that write one residual stream share their
             channels (the model says which: ``SparseTraining(tied=...)``), so that a condensed
             network loses stream channels too.
@@ -76,6 +84,8 @@ class SparseSettings:
     prune_schedule: str = "cosine"
     stop_fraction: float = 0.75
     granularity: str = "unstructured"
+    channel_sparsity: float = 0.5  # chase: rows removed by the last mask update
+    min_salient: float = 0.3  # fanin: fewer salient weights than this share ablate a row
     tie_stream: bool = False
     exclude: list[str] = field(default_factory=list)
     include: list[str] = field(default_factory=list)
@@ -106,6 +116,8 @@ class SparseSettings:
         _number(f"{prefix}sparsity", self.sparsity, 0.0, 1.0, "[)")
         _choice(f"{prefix}distribution", self.distribution, DISTRIBUTIONS)
         granularity = parse_granularity(self.granularity, f"{prefix}granularity")
+        _number(f"{prefix}channel_sparsity", self.channel_sparsity, 0.0, 1.0, "[)")
+        _number(f"{prefix}min_salient", self.min_salient, 0.0, 1.0, "[]")
         dense = METHODS[self.method].all_dense  # ignores sparsity and granularity
         fixed = granularity.fixed_sparsity  # n:m fixes the density
         if fixed is not None and not dense and not math.isclose(self.sparsity, fixed, abs_tol=1e-6):

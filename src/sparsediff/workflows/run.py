@@ -96,7 +96,9 @@ def _check_resume(cfg: RunConfig, run_dir: Path, record: dict[str, Any]) -> dict
     """The config.json record of a resumed run; refuses other training settings."""
     saved = read_json(run_dir / CONFIG_FILE)
     old, new = flatten(saved["config"]), flatten(cfg.to_dict())
-    changed = {k: [old.get(k), new.get(k)] for k in old.keys() | new.keys()}
+    # keys only one side has: a newer version added them (at their defaults) or dropped them
+    # (another pipeline's sections of the one old schema): not a change of what is trained
+    changed = {k: [old[k], new[k]] for k in old.keys() & new.keys()}
     changed = {k: v for k, v in sorted(changed.items()) if v[0] != v[1]}
     refused = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
     if refused:

@@ -21,6 +21,11 @@ rounding; ``docs/speedups.md`` has the derivations):
   channel is a constant whose attention average is itself: it is folded into the output
   projection's bias. Heads keep equal widths (the largest per-head count; extra kept channels
   are exact too) and the softmax scale stays the original ``1/sqrt(head_dim)``.
+* :class:`CondensedGRU` — a GRU trained with ``unit`` granularity: a dead hidden unit outputs
+  exactly zero (its biases are masked with it), so it leaves the GRU and the next layer's
+  input columns; one narrower single-layer GRU per layer (``condense/recurrent.py``).
+* :class:`CondensedFeedForward` — a transformer's MLP (diffusers ``FeedForward``): a dead hidden
+  neuron outputs ``act(bias)`` for every token, folded into the output bias.
 * The residual stream of a diffusers ``UNet2DModel`` (:func:`_stream`): a stream channel that is
   dead in every layer writing its segment (train with ``models.unet.stream_groups`` tied) holds
   a constant made of biases only. It is followed through the network, and every module that
@@ -39,6 +44,7 @@ condensed network from the plain model by re-applying the plan, then loads the w
 
 from .modules import CondensedAttention, CondensedResnet, NarrowHead, NarrowNorm, NarrowResample
 from .plan import alive, apply_plan, condense, plan_condense
+from .recurrent import CondensedGRU
 from .rows import RowSparse, constant_through_conv, live_rows
 from .storage import (
     CONDENSED_ENTRIES,
@@ -56,6 +62,7 @@ __all__ = [
     "PLAN_FILE",
     "WEIGHTS_FILE",
     "CondensedAttention",
+    "CondensedGRU",
     "CondensedResnet",
     "NarrowHead",
     "NarrowNorm",

@@ -17,6 +17,7 @@ from .modules import (
     NarrowHead,
     NarrowResample,
 )
+from .recurrent import CondensedGRU, gru_issue, live_units
 from .rows import RowSparse, bias_of, complement, head_rows, index_of, live_rows, sliced
 
 _ROW_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -155,12 +156,13 @@ def plan_condense(model: nn.Module) -> dict[str, dict[str, Any]]:
 
     Entries (JSON-ready): ``{"kind": "resnet", "conv1", "conv2", "shortcut", "inputs",
     "outputs"}``, ``{"kind": "attention", "qk", "v", "out", "inputs"}``, ``{"kind":
-    "feedforward", "rows"}`` (a transformer's MLP: its live hidden neurons), ``{"kind": "rows",
-    "rows"}``, and where a UNet's residual stream has dead channels (:func:`_stream`)
-    ``{"kind": "slice", "rows"}`` (conv_in), ``{"kind": "resample", "inputs", "outputs"}`` and
-    ``{"kind": "head", "inputs"}`` (conv_norm_out, conv_act, conv_out), with lists of kept row
-    or channel indices (``inputs``/``outputs`` None: all). Modules without a dead row, on a
-    stream without dead channels, are left out.
+    "feedforward", "rows"}`` (a transformer's MLP: its live hidden neurons), ``{"kind": "gru",
+    "keep"}`` (a GRU's kept units per layer and direction), ``{"kind": "rows", "rows"}``, and
+    where a UNet's residual stream has dead channels (:func:`_stream`) ``{"kind": "slice",
+    "rows"}`` (conv_in), ``{"kind": "resample", "inputs", "outputs"}`` and ``{"kind": "head",
+    "inputs"}`` (conv_norm_out, conv_act, conv_out), with lists of kept row or channel indices
+    (``inputs``/``outputs`` None: all). Modules without a dead row, on a stream without dead
+    channels, are left out.
     """
     resnet_cls, attention_cls, feedforward_cls = _kinds()
     stream = _stream(model)
@@ -190,6 +192,9 @@ def plan_condense(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "inputs": _rows_of(inputs),
             }
             sizes = [module.to_k.out_features] * 2 + [module.to_out[0].out_features]
+        elif isinstance(module, nn.GRU) and gru_issue(module) is None:
+            entry = {"kind": "gru", "keep": live_units(module)}
+            sizes = [module.hidden_size] * len(entry["keep"])
         elif isinstance(module, feedforward_cls) and _feedforward_issue(module) is None:
             entry = {"kind": "feedforward", "rows": live_rows(module.net[0].proj.weight)}
             sizes = [module.net[0].proj.out_features]
@@ -209,6 +214,7 @@ def plan_condense(model: nn.Module) -> dict[str, dict[str, Any]]:
             entry.update(dict.fromkeys(("inputs", "outputs") & entry.keys()))
         keys = ("conv1", "conv2", "shortcut", "qk", "v", "out", "rows")
         kept = [entry[k] for k in keys if entry.get(k)]
+        kept += [layer[0] for layer in entry.get("keep", [])]  # a GRU's layers
         if narrow or any(len(rows) < size for rows, size in zip(kept, sizes)):
             plan[name] = entry
             inside.append(name + ".")
@@ -256,6 +262,8 @@ def apply_plan(
             new = RowSparse(module, entry["rows"])
         elif kind == "feedforward":
             new = CondensedFeedForward(module, entry["rows"])
+        elif kind == "gru":
+            new = CondensedGRU(module, entry["keep"])
         elif kind == "slice":
             new = sliced(module, entry["rows"])
         elif kind == "resample":
