@@ -1,19 +1,22 @@
-"""Measured sampling speed-up of a study's trained channel-sparse runs, condensed, against dense.
+"""Measured sampling time of a study's trained runs as they would be deployed, against dense.
 
-For every finished cell of a study whose run trained with ``sparse.granularity = "channel"``,
-one process loads the run's EMA denoiser (masked), condenses it (``models/condense.py``: the
-dead channels removed, same outputs) and finds the dense cell of the same dataset and seed. It
-then times ``Pipeline.generate`` (the run's evaluation sampler and steps, decoding included) on
-the same ``--batch`` sample seeds for the three networks: dense, masked, condensed. Every round
-times each network once in a rotating order, so machine load hits all of them; the numbers are
-medians over ``--rounds`` and "x dense" is dense's median over the network's (> 1: faster).
-Where the dense run's weights are not on this machine (a study continued elsewhere), the masked
-network, which computes as much as dense, stands in for it and the line says so. The largest
-difference between the condensed and the masked samples (as uint8 images) is printed beside.
+For every finished cell of a study whose run is on this machine, one process loads the run's EMA
+denoiser (masked) and deploys it: condensed (``models/condense``: dead channels, MLP neurons or
+GRU units removed, same outputs) where its granularity leaves whole rows or units dead
+(``channel``, ``unit``, ``chase``, ``fanin``) and condensing removes something, else the masked
+network itself (an unstructured or dense one computes as much as dense). It finds the dense cell
+of the same dataset and seed and times ``Pipeline.generate`` (the run's evaluation sampler and
+steps, guidance and decoding included) on the same ``--batch`` sample seeds for both. Every round
+times each network once in a rotating order, so machine load hits both; the numbers are medians
+over ``--rounds`` and "x dense" is dense's median over the network's (> 1: faster). Where the
+dense run's weights are not here, the masked network, which computes as much as dense, stands in
+for it and the line says so. The largest difference between condensed and masked samples (as
+uint8 images) is printed beside. ``--json STUDY/speed.json`` is what ``sparsediff report`` reads
+for the frontier (FID against sampling time) and the summary.
 
     python benchmarks/study_speedup.py studies/evidence            # 1 thread, 5 rounds
-    python benchmarks/study_speedup.py docs/results/evidence --json out.json
-    python benchmarks/study_speedup.py docs/results/evidence --dataset kanjivg
+    python benchmarks/study_speedup.py docs/results/dit --json docs/results/dit/speed.json
+    python benchmarks/study_speedup.py docs/results/evidence --dataset kanjivg --channel-only
 """
 
 from __future__ import annotations
@@ -44,8 +47,14 @@ def _params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def measure(study_dir: Path, batch: int, rounds: int, dataset: str | None = None) -> list[dict]:
-    """One record per finished channel-sparse cell whose run is on this machine (of ``dataset``)."""
+CONDENSABLE = ("channel", "unit", "chase", "fanin")  # granularities that leave dead rows
+
+
+def measure(
+    study_dir: Path, batch: int, rounds: int, dataset: str | None = None, structured: bool = False
+) -> list[dict]:
+    """One record per finished cell whose run is on this machine (of ``dataset``; only the
+    condensable ones with ``structured``); the dense cells measure themselves."""
     by_id = {r["id"]: r for r in read_results(study_dir / RESULTS_FILE)}  # the last line wins
     records = [r for r in by_id.values() if r.get("method")]
     dense = {
@@ -55,56 +64,64 @@ def measure(study_dir: Path, batch: int, rounds: int, dataset: str | None = None
     }
     out = []
     for r in records:
-        if r.get("overrides", {}).get("sparse.granularity") != "channel":
+        granularity = r.get("overrides", {}).get("sparse.granularity", "unstructured")
+        if structured and granularity not in CONDENSABLE:
             continue
         if dataset is not None and r["dataset"] != dataset:
             continue
         if not _has_weights(study_dir / r["run_dir"]):
             print(f"{r['id']}: its run's weights are not here; skipped")
             continue
-        twin = dense.get((r["dataset"], r["seed"]))
-        pipeline, masked = load_run(study_dir / r["run_dir"], "cpu")
-        condensed, _ = condense(masked)
-        nets = {"masked": masked, "condensed": condensed}
-        if twin is not None and _has_weights(study_dir / twin["run_dir"]):
-            nets = {"dense": load_run(study_dir / twin["run_dir"], "cpu")[1], **nets}
-        settings = pipeline.sampling(pipeline.cfg.eval)
-        seeds = sample_seeds(pipeline.cfg.eval.seed, 0, batch)
-        times: dict[str, list[float]] = {name: [] for name in nets}
-        with torch.inference_mode():
-            # as images (uint8): ChiroDiff generates sketches, Latent Diffusion tensors
+        out.append(_time_cell(study_dir, r, dense.get((r["dataset"], r["seed"])), batch, rounds))
+    return out
+
+
+def _time_cell(study_dir: Path, r: dict, twin: dict | None, batch: int, rounds: int) -> dict:
+    pipeline, masked = load_run(study_dir / r["run_dir"], "cpu")
+    granularity = r.get("overrides", {}).get("sparse.granularity", "unstructured")
+    nets, condensed = {"masked": masked}, None
+    if granularity in CONDENSABLE and r["method"] != "dense":
+        condensed, plan = condense(masked)
+        if plan:
+            nets["condensed"] = condensed
+    deployed = "condensed" if "condensed" in nets else "masked"
+    if twin is not None and twin["id"] != r["id"] and _has_weights(study_dir / twin["run_dir"]):
+        nets = {"dense": load_run(study_dir / twin["run_dir"], "cpu")[1], **nets}
+    settings = pipeline.sampling(pipeline.cfg.eval)
+    seeds = sample_seeds(pipeline.cfg.eval.seed, 0, batch)
+    times: dict[str, list[float]] = {name: [] for name in nets}
+    diff = None
+    with torch.inference_mode():
+        if deployed == "condensed":  # as images (uint8): sketches or tensors alike
             a = pipeline.to_images(pipeline.generate(masked, seeds, settings)).short()
             b = pipeline.to_images(pipeline.generate(condensed, seeds, settings)).short()
-            for i in range(rounds):
-                names = list(nets)[i % len(nets) :] + list(nets)[: i % len(nets)]
-                for name in names:
-                    tick = time.perf_counter()
-                    pipeline.generate(nets[name], seeds, settings)
-                    times[name].append(time.perf_counter() - tick)
-        med = {name: statistics.median(t) for name, t in times.items()}
-        base = "dense" if "dense" in nets else "masked"  # masked: dense's cost, zeros included
-        out.append(
-            {
-                "id": r["id"],
-                "dense_id": twin["id"] if base == "dense" else None,
-                "baseline": base,
-                "seconds": med,
-                "speedup": {name: med[base] / med[name] for name in nets},
-                "params": {name: _params(net) for name, net in nets.items()},
-                "max_abs_diff_condensed_vs_masked": int((a - b).abs().max()),
-                "sampler": f"{settings.sampler} {settings.steps} steps",
-                "batch": batch,
-                "rounds": rounds,
-            }
-        )
-        m, s = out[-1]["seconds"], out[-1]["speedup"]
-        timed = ", ".join(f"{name} {m[name]:.2f} s ({s[name]:.2f}x)" for name in nets)
-        print(
-            f"{r['id']}: {timed} [x {base}]; params {out[-1]['params']['condensed']:,} of "
-            f"{out[-1]['params'][base]:,}; "
-            f"max |condensed - masked| {out[-1]['max_abs_diff_condensed_vs_masked']} of 255"
-        )
-    return out
+            diff = int((a - b).abs().max())
+        for i in range(rounds):
+            for name in list(nets)[i % len(nets) :] + list(nets)[: i % len(nets)]:
+                tick = time.perf_counter()
+                pipeline.generate(nets[name], seeds, settings)
+                times[name].append(time.perf_counter() - tick)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    base = "dense" if "dense" in nets else "masked"  # masked: dense's cost, zeros included
+    record = {
+        "id": r["id"],
+        "dense_id": twin["id"] if base == "dense" else None,
+        "baseline": base,
+        "deployed": deployed,
+        "seconds": med,
+        "seconds_per_sample": med[deployed] / batch,
+        "speedup": {name: med[base] / med[name] for name in nets},
+        "params": {name: _params(net) for name, net in nets.items()},
+        "max_abs_diff_condensed_vs_masked": diff,
+        "sampler": f"{settings.sampler} {settings.steps} steps",
+        "batch": batch,
+        "rounds": rounds,
+    }
+    m, s = record["seconds"], record["speedup"]
+    timed = ", ".join(f"{name} {m[name]:.2f} s ({s[name]:.2f}x)" for name in nets)
+    same = "" if diff is None else f"; max |condensed - masked| {diff} of 255"
+    print(f"{r['id']}: {timed} [x {base}]; params {record['params'][deployed]:,}{same}")
+    return record
 
 
 def main() -> None:
@@ -115,22 +132,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dataset", help="only this dataset's cells (default: all)")
     parser.add_argument("--json", type=Path, help="also write the records here")
+    parser.add_argument(
+        "--channel-only", action="store_true", help="only the cells that condense (dead rows)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{machine(torch.device('cpu'))}, {args.threads} thread(s), torch {torch.__version__}")
-    records = measure(args.study_dir, args.batch, args.rounds, args.dataset)
+    where = f"{machine(torch.device('cpu'))}, {args.threads} thread(s), torch {torch.__version__}"
+    print(where)
+    records = measure(args.study_dir, args.batch, args.rounds, args.dataset, args.channel_only)
     if not records:
-        print("no finished channel-sparse cell with its weights here")
+        print("no finished cell with its weights here")
     for base in ("dense", "masked"):
-        speedups = [r["speedup"]["condensed"] for r in records if r["baseline"] == base]
+        speedups = [
+            r["speedup"]["condensed"]
+            for r in records
+            if r["baseline"] == base and "condensed" in r["speedup"]
+        ]
         if speedups:
             mean = statistics.fmean(speedups)
-            print(
-                f"condensed channel sampling speed-up over {base}, {len(speedups)} run(s): "
-                f"{mean:.2f}x"
-            )
+            print(f"condensed sampling speed-up over {base}, {len(speedups)} run(s): {mean:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps(records, indent=2) + "\n")
+        stamp = {"machine": where, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        args.json.write_text(json.dumps({**stamp, "cells": records}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

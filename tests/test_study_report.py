@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sparsediff.sparsity.flops import FlopReport
@@ -443,3 +444,37 @@ def test_floors_of_another_protocol_are_not_shown(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "was measured with another reference than" in text
     assert "Real vs real (floor)" not in text
+
+
+def test_the_frontier_and_the_summary_come_from_the_measured_times(tmp_path):
+    records = _records(TOY, "toy")
+    for r in records:  # a first stage: the denoiser-only FID is what the frontier plots
+        r["metrics_vs_reconstructions"] = {"fid": r["metrics"]["fid"] / 2}
+        append_result(tmp_path / "results.jsonl", r)
+    cells = []
+    for r in records:  # dense 10 ms per sample; a sparse run deployed 1 + sparsity times faster
+        faster = 1 + r["sparsity"]
+        cells.append(
+            {
+                "id": r["id"],
+                "deployed": "condensed" if r["method"] == "static" else "masked",
+                "seconds_per_sample": 0.010 / faster,
+                "speedup": {"condensed": faster, "masked": faster},
+                "params": {"dense": 2000, "masked": 2000, "condensed": int(2000 / faster)},
+            }
+        )
+    speed = {"machine": "a test machine", "date": "2026-12-06", "cells": cells}
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    text = write_report(tmp_path).read_text()
+    assert "## Frontier: quality against sampling time" in text and "a test machine" in text
+    assert (tmp_path / "report" / "frontier_toy.png").stat().st_size > 0
+    # Static at 50%: denoiser FID 5.50 ± 0.25, 6.7 ms per sample (1.5x), 1.33 k parameters
+    assert (
+        "| Static at 50% | 5.50 ± 0.25 | 11.00 ± 0.50 | 6.7 ± 0.0 | 1.50 ± 0.00 | 1.33 k |" in text
+    )
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    static = next(e for e in summary if e["setting"] == "Static at 50%")
+    assert static["fid"] == [5.5, 5.75, 5.25] and static["fid_images"] == [11.0, 11.5, 10.5]
+    assert static["fid_dense"] == [5.0, 5.5, 6.0] and static["speedup"] == pytest.approx(1.5)
+    assert static["params"] == {"dense": 2000, "condensed": 1333}
+    assert {"pipeline", "dataset", "machine", "date", "command"} <= static.keys()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsediff.io import atomic_write
+from sparsediff.study.frontier import Point, setting_name
 from sparsediff.study.stats import (
     Setting,
     baselines,
@@ -212,3 +213,34 @@ def compose_samples(
                 labelled = True
     fig.suptitle(f"{title}: samples with fixed seeds (seed-0 runs)", fontsize=10)
     return _save(fig, path, dpi=110)
+
+
+def plot_frontier(points: list[Point], path: Path, dataset: str) -> Path | None:
+    """FID (mean ± std over seeds) against sampling time per sample, a point per setting."""
+    drawn = [p for p in points if p.fid.mean is not None and p.seconds.mean is not None]
+    if not drawn:
+        return None
+    fig = _figure(6.4, 4.4)
+    ax = fig.subplots()
+    for p in drawn:
+        ax.errorbar(
+            p.seconds.mean * 1e3,
+            p.fid.mean,
+            yerr=p.fid.std or 0,
+            xerr=(p.seconds.std or 0) * 1e3,
+            fmt="o",
+            capsize=3,
+        )
+        ax.annotate(
+            setting_name(p.setting),
+            (p.seconds.mean * 1e3, p.fid.mean),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    what = "denoiser-only FID (vs reconstructions)" if drawn[0].denoiser_only else "FID"
+    ax.set_xlabel("sampling time per sample, deployed (ms, 1 thread)")
+    ax.set_ylabel(f"{what} ↓")
+    ax.set_title(f"{dataset}: quality against sampling time (lower left is better)")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -22,7 +22,13 @@ from pathlib import Path
 
 from sparsediff.config import flatten
 from sparsediff.io import read_json, write_text
-from sparsediff.study.plots import compose_samples, plot_fid_vs_flops, plot_fid_vs_sparsity
+from sparsediff.study.frontier import frontier, read_speed, setting_name, summary_entries
+from sparsediff.study.plots import (
+    compose_samples,
+    plot_fid_vs_flops,
+    plot_fid_vs_sparsity,
+    plot_frontier,
+)
 from sparsediff.study.results import RESULTS_FILE, STUDY_FILE, read_results
 from sparsediff.study.stats import (
     ALPHA,
@@ -569,6 +575,8 @@ def write_report(study_dir: Path, rel_tol: float = REL_TOL) -> Path:
         samples = f"samples_{_slug(ds)}.png"
         if compose_samples(by_dataset[ds], study_dir, out / samples, ds) is not None:
             lines += [f"![Samples of {ds}]({samples})", ""]
+    if (speed := read_speed(study_dir)) is not None:
+        lines += _frontier_section(records, speed, datasets, out)
     lines += [LEGEND, ""]
     for ds in datasets:
         lines += _dataset_section(by_dataset[ds], ds, floors.get(ds), out)
@@ -614,6 +622,47 @@ def _what_ran(by_dataset: dict[str, list[Setting]], datasets: list[str]) -> list
         )
     header = ["dataset", "preset", "settings", "seeds", "training steps", "FID: samples vs refs"]
     return ["## What ran", "", _markdown(header, rows), ""]
+
+
+def _frontier_section(
+    records: list[dict], speed: dict, datasets: list[str], out: Path
+) -> list[str]:
+    """Quality against the measured sampling time of every setting (``speed.json`` from
+    ``benchmarks/study_speedup.py``), a plot and a table per dataset, and ``summary.json``."""
+    points = frontier(records, speed)
+    lines = [
+        "## Frontier: quality against sampling time",
+        "",
+        f"Sampling time per sample of each run as deployed (condensed where its structure "
+        f"allows; the masked network otherwise), timed beside the dense run of its seed on "
+        f"{speed.get('machine', MISSING)} ({speed.get('date', MISSING)}; "
+        "`benchmarks/study_speedup.py`). FID is the denoiser's (against the first stage's "
+        "reconstructions) where there is a first stage.",
+        "",
+    ]
+    for ds in datasets:
+        if not points.get(ds):
+            continue
+        name = f"frontier_{_slug(ds)}.png"
+        if plot_frontier(points[ds], out / name, ds) is not None:
+            lines += [f"![Frontier of {ds}]({name})", ""]
+        header = ["setting", "FID ↓", "FID on images ↓", "ms / sample", "x dense", "parameters"]
+        rows = [
+            [
+                setting_name(p.setting),
+                p.fid.format(),
+                p.fid_images.format() if p.denoiser_only else MISSING,
+                p.seconds.format(1, 1e3),
+                p.speedup.format(2),
+                _count(p.params_deployed),
+            ]
+            for p in points[ds]
+        ]
+        lines += [_markdown(header, rows), ""]
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    summary = summary_entries(records, speed, command)
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return lines
 
 
 def _steps(record: dict) -> int | None:
