@@ -21,7 +21,7 @@ from sparsediff.data.images import FASHION_MNIST_CLASSES
 from sparsediff.diffusion.losses import epsilon_mse
 from sparsediff.diffusion.samplers import SampleConfig, SamplingSettings, build_sampling_scheduler
 from sparsediff.imaging import save_image_grid
-from sparsediff.models.autoencoder import autoencoder_kind, decode_latents
+from sparsediff.models.autoencoder import autoencoder_kind
 from sparsediff.models.dit import (
     DIT_PRESETS,
     attention_groups,
@@ -139,24 +139,10 @@ class LatentDiT(LatentDiffusion):
         """The class each sample draws: its seed modulo the number of classes."""
         return torch.tensor([s % self.cfg.model.num_classes for s in seeds], device=device)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        denoiser: nn.Module,
-        seeds: list[int],
-        settings: SamplingSettings,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """Images in [-1, 1] of each seed's class, guided by ``settings.guidance_scale``."""
-        device = next(denoiser.parameters()).device
-        labels = self.labels_of(seeds, device)
-
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return guided_eps(denoiser, x, t, labels, settings.guidance_scale)
-
-        shape = (len(seeds), *self.latent_shape)
-        z = self.run_chain(model_fn, shape, device, seeds, settings, progress)
-        return decode_latents(self.ae, z / self.scale).clamp(-1, 1)
+    def eps_fn(self, denoiser: nn.Module, seeds: list[int], settings: SamplingSettings) -> Any:
+        """The guided prediction for each seed's class (``settings.guidance_scale``)."""
+        labels = self.labels_of(seeds, next(denoiser.parameters()).device)
+        return lambda x, t: guided_eps(denoiser, x, t, labels, settings.guidance_scale)
 
     def save_samples(self, samples: torch.Tensor, path: Path) -> Path:
         """A PNG grid with one column per class."""

@@ -360,8 +360,13 @@ class LatentDiffusion(Pipeline):
         """Images in [-1, 1]: latents from the UNet, decoded by the first stage."""
         device = next(denoiser.parameters()).device
         shape = (len(seeds), *self.latent_shape)
-        z = self.run_chain(_unet_fn(denoiser), shape, device, seeds, settings, progress)
+        model_fn = self.eps_fn(denoiser, seeds, settings)
+        z = self.run_chain(model_fn, shape, device, seeds, settings, progress)
         return decode_latents(self.ae, z / self.scale).clamp(-1, 1)
+
+    def eps_fn(self, denoiser: nn.Module, seeds: list[int], settings: SamplingSettings) -> Any:
+        """The ``model_fn(x_t, t) -> ε`` the chain samples with (a UNet's prediction)."""
+        return _unet_fn(denoiser)
 
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """uint8 images."""

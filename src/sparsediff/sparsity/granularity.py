@@ -20,6 +20,14 @@ import torch
 from .scores import random_mask
 
 
+def _random_per_row(
+    unit_shape: tuple[int, ...], n: int, generator: torch.Generator
+) -> torch.Tensor:
+    """A CPU mask of ``unit_shape`` (rows, columns) with ``n`` random columns on in every row."""
+    chosen = torch.rand(unit_shape, generator=generator).topk(n, dim=1).indices
+    return torch.zeros(unit_shape, dtype=torch.bool).scatter_(1, chosen, True)
+
+
 class Unstructured:
     """Every weight is its own unit; the base of the other granularities."""
 
@@ -172,8 +180,7 @@ class NM(Unstructured):
     def random_units(
         self, unit_shape: tuple[int, ...], active: int, generator: torch.Generator
     ) -> torch.Tensor:
-        chosen = torch.rand(unit_shape, generator=generator).topk(self.n, dim=1).indices
-        return torch.zeros(unit_shape, dtype=torch.bool).scatter_(1, chosen, True)
+        return _random_per_row(unit_shape, self.n, generator)
 
     def select(
         self,
@@ -294,9 +301,7 @@ class ConstantFanIn(Chase):
     def random_units(
         self, unit_shape: tuple[int, ...], active: int, generator: torch.Generator
     ) -> torch.Tensor:
-        rows, cols = unit_shape
-        chosen = torch.rand(unit_shape, generator=generator).topk(active // rows, dim=1).indices
-        return torch.zeros(unit_shape, dtype=torch.bool).scatter_(1, chosen, True)
+        return _random_per_row(unit_shape, active // unit_shape[0], generator)
 
     def select(
         self,
