@@ -61,6 +61,7 @@ from sparsediff.models.dit import CHANNEL_EXCLUDE, attention_groups, build_dit
 from sparsediff.models.unet import build_unet, stream_groups
 from sparsediff.sparsity import SparseTraining
 from sparsediff.sparsity.semistructured import to_semi_structured
+from sparsediff.training.condensed import CondensedTraining
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ldm_throughput import machine, sync  # noqa: E402  (the shared harness, next to this file)
@@ -90,6 +91,8 @@ class Setting:
     tied: bool = False  # channel: the residual stream's writers share their channels
     model: nn.Module | None = None  # training model (masked)
     optimizer: torch.optim.Optimizer | None = None
+    sparse: SparseTraining | None = None
+    narrow: CondensedTraining | None = None  # channel/unit: trains through the condensed net
     deployed: nn.Module | None = None
     how: str = ""
     params: int = 0
@@ -160,7 +163,7 @@ def prepare(setting: Setting, base: nn.Module, args, device, x: torch.Tensor) ->
     tied, exclude = ties(setting, setting.model)
     with warnings.catch_warnings():  # 2:4: conv_in (27 inputs per row) stays dense
         warnings.simplefilter("ignore")
-        SparseTraining(
+        setting.sparse = SparseTraining(
             setting.model,
             setting.optimizer,
             method="dense" if setting.granularity is None else "rigl",
@@ -176,6 +179,8 @@ def prepare(setting: Setting, base: nn.Module, args, device, x: torch.Tensor) ->
             exclude=list(exclude),
             tied=tied,
         )
+    if setting.granularity in ("channel", "unit"):
+        setting.narrow = CondensedTraining(setting.model, setting.sparse)
     masked = copy.deepcopy(setting.model).eval()
     t1 = torch.zeros(1, dtype=torch.long, device=device)
     deployed, setting.how = masked, "dense" if setting.granularity is None else "masked dense"
@@ -215,16 +220,22 @@ def sample_once(setting: Setting, args, shape, scheduler, device) -> None:
 
 
 def train_chunk(setting: Setting, args, z, scheduler, device, timed: bool = True) -> None:
-    """``ΔT`` optimizer steps; the engine updates the masks at the last one."""
-    model, optimizer = setting.model, setting.optimizer
+    """``ΔT`` optimizer steps; the engine updates the masks at the last one. Channel and unit
+    settings train as the trainer does (``train.condensed``): through the condensed network,
+    except the update step, which needs the dense gradient; the rebuild after it is timed."""
+    optimizer, sparse = setting.optimizer, setting.sparse
     autocast = args.dtype != torch.float32
     sync(device)
     start = time.perf_counter()
     for _ in range(args.update_interval):
+        narrow = setting.narrow is not None and not sparse.dense_gradient_next()
+        model = setting.narrow if narrow else setting.model
         setting.step += 1
         gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + setting.step)
         with torch.autocast(device.type, dtype=args.dtype, enabled=autocast):
-            loss = epsilon_mse(lambda x, t: forward(model, x, t), z, scheduler, generator=gen)
+            loss = epsilon_mse(
+                lambda x, t, net=model: forward(net, x, t), z, scheduler, generator=gen
+            )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -281,7 +292,45 @@ def bench_model(name: str, args, device) -> dict[str, float]:
             f"{s.how}",
             flush=True,
         )
-        s.model = s.optimizer = s.deployed = None  # free before the next model
+        s.model = s.optimizer = s.deployed = s.sparse = s.narrow = None  # free before the next
+    return ratios
+
+
+def bench_training(name: str, args, device) -> dict[str, float]:
+    """Training step time over whole update intervals as a run trains (``ΔT`` 25, the
+    presets' batch 32, updates and rebuilds included): dense and channel (stream tied) at
+    ``--sparsities``, condensed between updates. Returns "x dense" per setting."""
+    args = copy.copy(args)
+    args.update_interval, args.train_batch = 25, 32
+    torch.manual_seed(args.seed)
+    base = build(name)
+    size, channels = base.config.sample_size, base.config.in_channels
+    gen = torch.Generator().manual_seed(args.seed)
+    z = torch.randn((args.train_batch, channels, size, size), generator=gen).to(device)
+    scheduler = make_scheduler("ldm", 1000)
+    settings = [Setting("dense", None, 0.0)]
+    settings += [Setting(f"channel {s:.0%}", "channel", s, tied=True) for s in args.sparsities]
+    print(
+        f"\n== training {name}: batch {args.train_batch}, RigL ΔT {args.update_interval} (the "
+        f"update step at full width, the condensed network rebuilt after it), "
+        f"{args.train_rounds} rounds of one whole interval each (medians)",
+        flush=True,
+    )
+    for setting in settings:
+        prepare(setting, base, args, device, z)
+        train_chunk(setting, args, z, scheduler, device, timed=False)
+    for r in range(args.train_rounds):
+        for setting in settings[r % len(settings) :] + settings[: r % len(settings)]:
+            train_chunk(setting, args, z, scheduler, device)
+    dense = statistics.median(settings[0].train_s)
+    ratios = {}
+    print(f"{'setting':<18} {'step s':>8} {'x dense':>7}  trains as")
+    for s in settings:
+        step = statistics.median(s.train_s)
+        ratios[s.label] = dense / step
+        how = "dense" if s.narrow is None else f"condensed ({s.narrow.rebuilds} rebuilds)"
+        print(f"{s.label:<18} {step:8.4f} {dense / step:6.2f}x  {how}", flush=True)
+        s.model = s.optimizer = s.deployed = s.sparse = s.narrow = None
     return ratios
 
 
@@ -296,6 +345,9 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=10, help="DDIM steps")
     parser.add_argument("--update-interval", type=int, default=4, help="ΔT: steps timed")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--train-rounds", type=int, default=3, help="whole update intervals timed (training)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)"
@@ -321,15 +373,20 @@ def main() -> None:
     print(f"machine: {machine(device)}; torch {torch.__version__}", flush=True)
     start = time.perf_counter()
     results = {name: bench_model(name, args, device) for name in args.models}
+    first_name = args.models[0]
+    training = None
+    if MODELS[first_name][0] == "unet" and 0.5 in args.sparsities:
+        training = bench_training(first_name, args, device)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     name, label, target = TARGET
     if name in results and not cuda:
         ratio = results[name][label]
         verdict = "met" if ratio >= target else "NOT met"
         print(f"target (CPU, {name}): condensed {label} sampling >= {target}x dense: {verdict}")
-    first = results[args.models[0]]
-    if "channel 50%" in first:
-        print(f"sampling speed-up, channel 50%: {first['channel 50%']:.2f}×")
+    if "channel 50%" in results[first_name]:
+        print(f"sampling speed-up, channel 50%: {results[first_name]['channel 50%']:.2f}×")
+    if training is not None:
+        print(f"training speed-up, channel 50%: {training['channel 50%']:.2f}×")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -152,7 +153,11 @@ def main() -> None:
             mean = statistics.fmean(speedups)
             print(f"condensed sampling speed-up over {base}, {len(speedups)} run(s): {mean:.2f}x")
     if args.json:
-        stamp = {"machine": where, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        stamp = {
+            "machine": where,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": shlex.join(["python", *sys.argv]),
+        }
         args.json.write_text(json.dumps({**stamp, "cells": records}, indent=2) + "\n")
 
 

@@ -472,9 +472,10 @@ def test_the_frontier_and_the_summary_come_from_the_measured_times(tmp_path):
     assert (
         "| Static at 50% | 5.50 ± 0.25 | 11.00 ± 0.50 | 6.7 ± 0.0 | 1.50 ± 0.00 | 1.33 k |" in text
     )
-    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text())  # beside speed.json
     static = next(e for e in summary if e["setting"] == "Static at 50%")
     assert static["fid"] == [5.5, 5.75, 5.25] and static["fid_images"] == [11.0, 11.5, 10.5]
     assert static["fid_dense"] == [5.0, 5.5, 6.0] and static["speedup"] == pytest.approx(1.5)
     assert static["params"] == {"dense": 2000, "condensed": 1333}
     assert {"pipeline", "dataset", "machine", "date", "command"} <= static.keys()
+    assert "benchmarks/study_speedup.py" in static["command"]

@@ -27,6 +27,7 @@ from sparsediff.sections import FRACTION, POSITIVE, Section, at_least
 from sparsediff.sparsity.settings import SparseSettings
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # owned here: training imports config, not the reverse
+CONDENSED = ("auto", "on", "off")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # runs/<name>: never a path
 _DEVICE = (
     (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None),
@@ -60,6 +61,7 @@ class TrainConfig(Section):
         "device": _DEVICE,
         "threads": at_least(0),
         "stop_at": at_least(0),
+        "condensed": CONDENSED,
     }
 
     steps: int = 1000  # optimizer steps (the budget; not epochs)
@@ -82,6 +84,9 @@ class TrainConfig(Section):
     stop_at: int = 0  # stop after this step as if interrupted (split a run into jobs); 0 = off
     progress: bool = True
     tensorboard: bool = True  # event files in RUN_DIR/tensorboard/ when tensorboard is installed
+    # train the condensed network between mask updates (sparsediff.training.condensed): auto =
+    # where the granularity leaves whole rows dead and one process trains; on = or an error
+    condensed: str = "auto"
 
 
 @dataclass
@@ -229,7 +234,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 def _summaries(directory: Path) -> dict[str, str]:
     """``{name: first comment line}`` of the TOML files in ``directory``, sorted by name."""
     out = {}
-    for path in sorted(directory.glob("*.toml")):
+    for path in sorted(directory.glob("*.toml"), key=lambda p: p.stem):
         text = path.read_text()
         comment = next((ln for ln in text.splitlines() if ln.startswith("#")), "")
         about = comment.lstrip("#").strip()

@@ -1,8 +1,11 @@
-"""Where a command runs: its device, its CPU threads and the memory it may take."""
+"""Where a command runs: its device, its CPU threads, the memory it may take, and how it was
+called."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -35,3 +38,12 @@ def available_memory() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def command_line() -> str:
+    """This process's command as a user would type it: ``sparsediff ...`` for the command line
+    however it was started (the script, ``python -m sparsediff.cli``)."""
+    program = Path(sys.argv[0]).name
+    if program in ("cli.py", "__main__.py") and "sparsediff" in sys.argv[0]:
+        program = "sparsediff"
+    return shlex.join([program, *sys.argv[1:]])

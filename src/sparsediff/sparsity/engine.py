@@ -240,6 +240,7 @@ class SparseTraining:
         self._ema = ema
         self._names = names
         self._step = 0
+        self._version = 0  # counts mask changes: a condensed network is rebuilt on a new one
         self._last: dict[str, Any] = _no_update(list(params))
         self._layers = self._initial_layers(params, views, groups, settings, seed)
         by_name = {layer.name: layer for layer in self._layers}
@@ -316,6 +317,20 @@ class SparseTraining:
     def step(self) -> int:
         """Optimizer steps seen (steps skipped by a GradScaler are not counted)."""
         return self._step
+
+    @property
+    def mask_version(self) -> int:
+        """Grows whenever the masks may have changed (an update, a loaded state)."""
+        return self._version
+
+    def dense_gradient_next(self) -> bool:
+        """Whether the next optimizer step updates the masks by the dense gradient (RigL):
+        that step needs the gradient of every weight, active or not."""
+        cfg = self._config
+        last = stop_step(cfg["total_steps"], cfg["stop_fraction"])
+        return self._method.needs_dense_grad and is_update_step(
+            self._step + 1, cfg["update_interval"], last
+        )
 
     @property
     def density(self) -> float:
@@ -455,6 +470,7 @@ class SparseTraining:
                 new = layer.view.expand(chosen, layer.param.shape)
                 dropped[layer.name] = grown[layer.name] = self._set_mask(layer, new, emas)
         self._forget_state_lists()  # masks in another dtype were copied
+        self._version += 1
         if any(layer.param.is_cuda for layer in self._layers):
             torch.cuda.synchronize()
         self._last = {
@@ -501,6 +517,7 @@ class SparseTraining:
     def _apply_masks(self) -> None:
         """Zero masked entries of the model (and EMA) and cache the per-step multiply lists."""
         sparse = [layer for layer in self._layers if layer.active < layer.mask.numel()]
+        self._version += 1
         self._hot_layers = sparse
         self._forget_state_lists()
         self._hot_params = [layer.param for layer in sparse]

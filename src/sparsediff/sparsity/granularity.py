@@ -28,6 +28,11 @@ def _random_per_row(
     return torch.zeros(unit_shape, dtype=torch.bool).scatter_(1, chosen, True)
 
 
+def _score_dtype(t: torch.Tensor) -> torch.dtype:
+    """Norms in float32 at least (half-precision weights), float64 for float64 weights."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 class Unstructured:
     """Every weight is its own unit; the base of the other granularities."""
 
@@ -115,7 +120,7 @@ class Channel(Unstructured):
     def score(self, t: torch.Tensor) -> torch.Tensor:
         """L2 norm of every row."""
         rows = t.detach().reshape(t.shape[0], -1)
-        return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+        return torch.linalg.vector_norm(rows, dim=1, dtype=_score_dtype(rows))
 
     def expand(self, units: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         return units.reshape(-1, *[1] * (len(shape) - 1)).expand(*shape).contiguous()
@@ -360,7 +365,7 @@ class GateRows(Channel):
     def score(self, t: torch.Tensor) -> torch.Tensor:
         """L2 norm of each unit's rows over the three gates."""
         gates = self._gates(t.detach()).transpose(0, 1).reshape(self.hidden, -1)
-        return torch.linalg.vector_norm(gates, dim=1, dtype=torch.float32)
+        return torch.linalg.vector_norm(gates, dim=1, dtype=_score_dtype(gates))
 
     def expand(self, units: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         cols = math.prod(shape) // (3 * self.hidden)
@@ -400,7 +405,7 @@ class GateBias(GateRows):
 
     def score(self, t: torch.Tensor) -> torch.Tensor:
         gates = t.detach().reshape(3, self.hidden).transpose(0, 1)
-        return torch.linalg.vector_norm(gates, dim=1, dtype=torch.float32)
+        return torch.linalg.vector_norm(gates, dim=1, dtype=_score_dtype(gates))
 
     def expand(self, units: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         return units.view(1, -1).expand(3, -1).reshape(shape).contiguous()

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
-import sys
 from pathlib import Path
 
 from sparsediff.config import flatten
 from sparsediff.io import read_json, write_text
+from sparsediff.runtime import command_line
 from sparsediff.study.frontier import frontier, read_speed, setting_name, summary_entries
 from sparsediff.study.plots import (
     compose_samples,
@@ -577,6 +576,13 @@ def write_report(study_dir: Path, rel_tol: float = REL_TOL) -> Path:
             lines += [f"![Samples of {ds}]({samples})", ""]
     if (speed := read_speed(study_dir)) is not None:
         lines += _frontier_section(records, speed, datasets, out)
+        commands = [
+            f"sparsediff study {study.get('name', study_dir.name)} --out {study_dir}",
+            speed.get("command", "python benchmarks/study_speedup.py"),
+            command_line(),
+        ]
+        summary = summary_entries(records, speed, "; ".join(commands))
+        write_text(study_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     lines += [LEGEND, ""]
     for ds in datasets:
         lines += _dataset_section(by_dataset[ds], ds, floors.get(ds), out)
@@ -594,7 +600,7 @@ def _header(study: dict, study_dir: Path, records: list[dict], datasets: list[st
         f"# Study report: {study.get('name', study_dir.name)}",
         "",
         f"- Study: `{study.get('command', MISSING)}`",
-        f"- Report: `{shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
+        f"- Report: `{command_line()}`",
         f"- Finished cells: {len(records)} of {n_cells}; datasets: {', '.join(datasets)}.",
     ]
     if desc := study.get("study", {}).get("description"):
@@ -628,7 +634,7 @@ def _frontier_section(
     records: list[dict], speed: dict, datasets: list[str], out: Path
 ) -> list[str]:
     """Quality against the measured sampling time of every setting (``speed.json`` from
-    ``benchmarks/study_speedup.py``), a plot and a table per dataset, and ``summary.json``."""
+    ``benchmarks/study_speedup.py``), a plot and a table per dataset."""
     points = frontier(records, speed)
     lines = [
         "## Frontier: quality against sampling time",
@@ -659,9 +665,6 @@ def _frontier_section(
             for p in points[ds]
         ]
         lines += [_markdown(header, rows), ""]
-    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    summary = summary_entries(records, speed, command)
-    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return lines
 
 

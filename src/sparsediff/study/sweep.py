@@ -38,7 +38,6 @@ import fnmatch
 import json
 import multiprocessing
 import os
-import shlex
 import sys
 import time
 import traceback
@@ -54,6 +53,7 @@ from tqdm import tqdm
 from sparsediff.io import read_json, write_text
 from sparsediff.locks import LockedError, wait_for
 from sparsediff.pipelines import absolute_overrides, get_pipeline, load_config
+from sparsediff.runtime import command_line
 from sparsediff.study.grid import Cell, Study, expand_grid, load_study
 from sparsediff.study.results import RESULTS_FILE, STUDY_FILE, append_result, jsonable, read_results
 from sparsediff.workflows import evaluate, noise_floors, train
@@ -255,7 +255,7 @@ def share_work(cells: list[Cell], study_dir: Path) -> tuple[list[Cell], set[str]
 
 
 def _command() -> str:
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    return command_line()
 
 
 def write_study_json(study: Study, cells: list[Cell], study_dir: Path, devices: list[str]) -> Path:

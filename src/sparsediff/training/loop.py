@@ -34,6 +34,7 @@ from sparsediff.config import TrainConfig
 from sparsediff.io import write_text
 from sparsediff.sparsity import SparseSettings, SparseTraining
 from sparsediff.training.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from sparsediff.training.condensed import CondensedTraining, condensed_issue
 from sparsediff.training.distributed import Dist, all_mean
 from sparsediff.training.ema import EMA
 from sparsediff.training.tensorboard import EventLog, stage_dir
@@ -204,6 +205,7 @@ class Trainer:
                 seed=seed,
                 tied=_tied(task, sparse_cfg),
             )
+        self.condensed = self._condensed(cfg.condensed)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.batches = EpochBatches(
@@ -211,6 +213,21 @@ class Trainer:
         )
         self.state = TrainState()
         self._losses: list[torch.Tensor] = []  # since the last log line (on the device)
+
+    def _condensed(self, setting: str) -> CondensedTraining | None:
+        """Condensed training where the setting and the run allow it (``train.condensed``)."""
+        issue = condensed_issue(self.sparse, self.dist.enabled)
+        if setting == "on" and issue:
+            raise ValueError(f"train.condensed = 'on', but {issue}")
+        if setting == "off" or issue:
+            return None
+        if self.dist.is_main and self.cfg.progress:
+            tqdm.write(
+                f"[{self.desc}] training through the condensed network between mask updates "
+                "(train.condensed; 'off' trains the masked full-width model)",
+                file=sys.stderr,
+            )
+        return CondensedTraining(self.model, self.sparse)
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -347,6 +364,9 @@ class Trainer:
         cfg = self.cfg
         gen = _step_generator(self.device, self.seed, self.dist.rank, self.state.step)
         total = torch.zeros((), device=self.device)
+        net: Any = self.wrapped  # the full width where RigL reads the dense gradient
+        if self.condensed is not None and not self.sparse.dense_gradient_next():
+            net = self.condensed
         for micro in range(cfg.grad_accum):
             batch = _to_device(next(data), self.device)
             last = micro == cfg.grad_accum - 1
@@ -355,7 +375,7 @@ class Trainer:
                 with torch.autocast(
                     self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
                 ):
-                    loss = self.task.loss(self.wrapped, batch, gen) / cfg.grad_accum
+                    loss = self.task.loss(net, batch, gen) / cfg.grad_accum
                 self.scaler.scale(loss).backward()
             total += loss.detach().float()
         if cfg.grad_clip > 0:

@@ -43,7 +43,7 @@ condensed network from the plain model by re-applying the plan, then loads the w
 """
 
 from .modules import CondensedAttention, CondensedResnet, NarrowHead, NarrowNorm, NarrowResample
-from .plan import alive, apply_plan, condense, plan_condense
+from .plan import alive, apply_plan, condense, condensed_tensors, plan_condense
 from .recurrent import CondensedGRU
 from .rows import RowSparse, constant_through_conv, live_rows
 from .storage import (
@@ -71,6 +71,7 @@ __all__ = [
     "alive",
     "apply_plan",
     "condense",
+    "condensed_tensors",
     "constant_through_conv",
     "live_rows",
     "load_condensed",

@@ -12,19 +12,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .rows import (
+    Derived,
     add_rows,
     bias_of,
     complement,
     constant_through_conv,
     conv_fold,
     index_of,
+    layer_slice,
     positions,
+    prefixed,
     rows_plus,
     sliced,
 )
 
 
-class NarrowNorm(nn.Module):
+class NarrowNorm(Derived):
     """A GroupNorm over a tensor that holds only its ``live`` channels; every other channel is
     constant over positions (one value per sample) and is passed as that value.
 
@@ -36,19 +39,23 @@ class NarrowNorm(nn.Module):
     def __init__(self, norm: nn.GroupNorm, live: Sequence[int]) -> None:
         super().__init__()
         width = norm.num_channels
-        order = list(live) + complement(live, width)  # kept-first position -> channel
+        order = self._index("order", list(live) + complement(live, width))  # position -> channel
         self.eps = norm.eps
-        ones = torch.ones(width, device=norm.weight.device if norm.affine else None)
-        gamma = norm.weight.detach() if norm.affine else ones
-        beta = norm.bias.detach() if norm.affine else ones * 0
-        self.gamma = nn.Parameter(gamma[index_of(order)].clone())
-        self.beta = nn.Parameter(beta[index_of(order)].clone())
         # kept-first position -> norm group, as matrices: (width, groups) averages a group's
         # channels, (groups, width) hands a group's value to its channels
         groups = norm.num_groups
-        group = F.one_hot(index_of(order) // (width // groups), groups).to(gamma)
+        ref = norm.weight if norm.affine else torch.ones(())
+        group = F.one_hot(order // (width // groups), groups).to(ref)
         self.register_buffer("average", group / group.sum(0), persistent=False)
         self.register_buffer("spread", group.T.contiguous(), persistent=False)
+        self._own(self.tensors(norm))
+
+    def tensors(self, norm: nn.GroupNorm) -> dict[str, torch.Tensor]:
+        """The affine parameters, kept channels first."""
+        if not norm.affine:
+            ones = torch.ones(norm.num_channels, device=self.ix_order.device)
+            return {"gamma": ones, "beta": ones * 0}
+        return {"gamma": norm.weight[self.ix_order], "beta": norm.bias[self.ix_order]}
 
     def forward(self, h: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``h`` ``(B, live, *positions)``; ``values`` ``(B, width)``: a per-sample shift of
@@ -72,21 +79,23 @@ class NarrowNorm(nn.Module):
         return normed, shift[:, live:]
 
 
-class _NarrowInput(nn.Module):
+class _NarrowInput(Derived):
     """Holds what a module that reads a narrowed stream needs: the input's constant channels
-    (``dead``, their fixed values ``const``: they come from biases only)."""
+    (``dead``, their fixed values ``in_const``: they come from biases only)."""
 
-    def _narrow_input(
-        self, layer: nn.Module, inputs: Sequence[int] | None, const: Any
-    ) -> list[int]:
+    def _narrow_input(self, layer: nn.Module, inputs: Sequence[int] | None) -> list[int]:
         """Record the inputs of ``layer`` (the first that reads the stream); the dead ones."""
         width = layer.weight.shape[1]
         inputs = list(range(width)) if inputs is None else list(inputs)
         dead = complement(inputs, width)
         self.inputs, self.dead_in = inputs, dead
-        values = layer.weight.new_zeros(len(dead)) if const is None else const.detach().clone()
-        self.register_buffer("in_const", values)  # persistent: saved with the weights
+        self._index("inputs", inputs)
+        self._index("dead_in", dead)
         return dead
+
+    def _in_const(self, layer: nn.Module, const: Any) -> torch.Tensor:
+        """The constant inputs' values (``const``; None: zeros)."""
+        return layer.weight.new_zeros(len(self.dead_in)) if const is None else const
 
     def _norm_values(self, x: torch.Tensor) -> torch.Tensor:
         """``NarrowNorm`` values for a stream input: no shift, then the constants."""
@@ -116,38 +125,59 @@ class CondensedResnet(_NarrowInput):
     ) -> None:
         super().__init__()
         width = block.conv1.out_channels
-        dead_in = self._narrow_input(block.conv1, inputs, in_const)
+        dead_in = self._narrow_input(block.conv1, inputs)
         outputs = list(range(block.conv2.out_channels)) if outputs is None else list(outputs)
         dead1 = complement(live1, width)
-        order = list(live1) + dead1  # kept-first position -> channel
+        self._index("live1", live1)
+        self._index("dead1", dead1)
+        self._index("order", list(live1) + dead1)  # kept-first position -> channel
+        self._index("live2", live2)
+        self._index("outputs", outputs)
         self.act = block.nonlinearity
         self.norm1 = NarrowNorm(block.norm1, self.inputs) if dead_in else block.norm1
         self.skip_time_act = block.skip_time_act
         self.output_scale_factor = block.output_scale_factor
         self.conv1 = sliced(block.conv1, live1, self.inputs)
-        self.fold1 = nn.Parameter(conv_fold(block.conv1, live1, dead_in))
         # One projection for the live channels' time shift and the dead channels' values: a
         # dead conv1 channel is its bias plus its time shift, constant over pixels.
-        self.time = sliced(block.time_emb_proj, order)
-        with torch.no_grad():
-            self.time.bias[len(live1) :] += bias_of(block.conv1)[index_of(dead1)]
+        self.time = sliced(block.time_emb_proj, list(live1) + dead1)
         self.norm2 = NarrowNorm(block.norm2, live1)
         self.conv2 = sliced(block.conv2, live2, live1, bias=False)
-        self.fold = nn.Parameter(conv_fold(block.conv2, live2, dead1))
-        # conv2's and the shortcut's biases on the output channels (a dead row outputs these)
-        constant = bias_of(block.conv2).clone()
         self.shortcut = None
         if block.conv_shortcut is not None:
+            self._index("live_sc", live_sc)
             self.shortcut = sliced(block.conv_shortcut, live_sc, self.inputs, bias=False)
-            self.fold_sc = nn.Parameter(conv_fold(block.conv_shortcut, live_sc, dead_in))
-            constant += bias_of(block.conv_shortcut)
         elif self.inputs != outputs:
             raise ValueError("an identity shortcut reads and writes the same stream channels")
-        self.constant = nn.Parameter(constant[index_of(outputs)].clone())
+        # where conv2's and the shortcut's live rows land among the block's outputs
         self.register_buffer("live2", index_of(positions(live2, outputs)), persistent=False)
         self.register_buffer(
             "live_sc", index_of(positions(live_sc or [], outputs)), persistent=False
         )
+        self._own(self.tensors(block, in_const), buffers=("in_const",))
+
+    def tensors(self, block: nn.Module, in_const: Any = None) -> dict[str, torch.Tensor]:
+        """The narrow layers, the folds of constant inputs, the time projection with the dead
+        channels' biases, and the output constant (conv2's and the shortcut's biases)."""
+        t = {} if not self.dead_in else prefixed("norm1.", self.norm1.tensors(block.norm1))
+        t.update(layer_slice(block.conv1, self.ix_live1, self.ix_inputs, prefix="conv1."))
+        t["fold1"] = conv_fold(block.conv1, self.ix_live1, self.ix_dead_in)
+        dead_bias = bias_of(block.conv1)[self.ix_dead1]
+        time = layer_slice(block.time_emb_proj, self.ix_order, prefix="time.")
+        time["time.bias"] = time["time.bias"] + F.pad(dead_bias, (len(self.ix_live1), 0))
+        t.update(time)
+        t.update(prefixed("norm2.", self.norm2.tensors(block.norm2)))
+        t.update(layer_slice(block.conv2, self.ix_live2, self.ix_live1, False, "conv2."))
+        t["fold"] = conv_fold(block.conv2, self.ix_live2, self.ix_dead1)
+        constant = bias_of(block.conv2)
+        sc = block.conv_shortcut
+        if sc is not None:
+            t.update(layer_slice(sc, self.ix_live_sc, self.ix_inputs, False, "shortcut."))
+            t["fold_sc"] = conv_fold(sc, self.ix_live_sc, self.ix_dead_in)
+            constant = constant + bias_of(sc)
+        t["constant"] = constant[self.ix_outputs]
+        t["in_const"] = self._in_const(block.conv1, in_const)
+        return t
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """``(shortcut(x) + conv2(SiLU(norm2(conv1(SiLU(norm1(x))) + time))))/scale``."""
@@ -199,7 +229,11 @@ class CondensedAttention(_NarrowInput):
     ) -> None:
         super().__init__()
         proj = attn.to_out[0]
-        dead_in = self._narrow_input(attn.to_q, inputs, in_const)
+        dead_in = self._narrow_input(attn.to_q, inputs)
+        self._index("qk", qk)
+        self._index("v", v)
+        self._index("out", out)
+        self._index("dead_v", complement(v, attn.to_v.out_features))
         self.heads = attn.heads
         self.scale = (attn.to_k.out_features // attn.heads) ** -0.5  # SDPA's default, kept
         self.group_norm = attn.group_norm
@@ -210,17 +244,27 @@ class CondensedAttention(_NarrowInput):
         self.to_q = sliced(attn.to_q, qk, self.inputs)
         self.to_k = sliced(attn.to_k, qk, self.inputs)
         self.to_v = sliced(attn.to_v, v, self.inputs)
-        # the constant input channels' weights, (rows, dead) per projection
-        self.fold_q, self.fold_k, self.fold_v = (
-            nn.Parameter(layer.weight.detach()[index_of(rows)][:, index_of(dead_in)].clone())
-            for layer, rows in ((attn.to_q, qk), (attn.to_k, qk), (attn.to_v, v))
-        )
-        dead_v = index_of(complement(v, attn.to_v.out_features))
-        # A dead value channel averages to its bias: its share of the output is a constant.
         self.to_out = sliced(proj, out, v, bias=False)
-        bias = bias_of(proj) + proj.weight.detach()[:, dead_v] @ bias_of(attn.to_v)[dead_v]
-        self.out_bias = nn.Parameter(bias[index_of(self.inputs)].clone())
         self.register_buffer("out_rows", index_of(positions(out, self.inputs)), persistent=False)
+        self._own(self.tensors(attn, in_const), buffers=("in_const",))
+
+    def tensors(self, attn: nn.Module, in_const: Any = None) -> dict[str, torch.Tensor]:
+        """The narrow projections, the constant inputs' weights (``fold_*``, ``(rows, dead)``)
+        and the output bias, into which the dead value channels fold: a dead value channel
+        averages to its bias, so its share of the output is a constant."""
+        t = {}
+        if isinstance(self.group_norm, NarrowNorm):
+            t.update(prefixed("group_norm.", self.group_norm.tensors(attn.group_norm)))
+        for key, rows in (("q", self.ix_qk), ("k", self.ix_qk), ("v", self.ix_v)):
+            layer = getattr(attn, f"to_{key}")
+            t.update(layer_slice(layer, rows, self.ix_inputs, prefix=f"to_{key}."))
+            t[f"fold_{key}"] = layer.weight[rows][:, self.ix_dead_in]
+        proj, dead_v = attn.to_out[0], self.ix_dead_v
+        t.update(layer_slice(proj, self.ix_out, self.ix_v, False, "to_out."))
+        bias = bias_of(proj) + proj.weight[:, dead_v] @ bias_of(attn.to_v)[dead_v]
+        t["out_bias"] = bias[self.ix_inputs]
+        t["in_const"] = self._in_const(attn.to_q, in_const)
+        return t
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Self-attention with the residual connection, as ``AttnProcessor2_0``."""
@@ -273,10 +317,18 @@ class NarrowResample(_NarrowInput):
         in_const: Any = None,
     ) -> None:
         super().__init__()
-        dead_in = self._narrow_input(module.conv, inputs, in_const)
+        self._narrow_input(module.conv, inputs)
+        self._index("outputs", outputs)
         self.up = bool(getattr(module, "interpolate", False))
         self.conv = sliced(module.conv, outputs, self.inputs)
-        self.fold = nn.Parameter(conv_fold(module.conv, outputs, dead_in))
+        self._own(self.tensors(module, in_const), buffers=("in_const",))
+
+    def tensors(self, module: nn.Module, in_const: Any = None) -> dict[str, torch.Tensor]:
+        """The narrow convolution and the fold of its constant inputs."""
+        t = layer_slice(module.conv, self.ix_outputs, self.ix_inputs, prefix="conv.")
+        t["fold"] = conv_fold(module.conv, self.ix_outputs, self.ix_dead_in)
+        t["in_const"] = self._in_const(module.conv, in_const)
+        return t
 
     def forward(self, x: torch.Tensor, output_size: Any = None, *args: Any, **kwargs: Any) -> Any:
         """The resampled stream (its live channels)."""
@@ -304,11 +356,21 @@ class NarrowHead(_NarrowInput):
         in_const: Any = None,
     ) -> None:
         super().__init__()
-        dead_in = self._narrow_input(conv, inputs, in_const)
+        self._narrow_input(conv, inputs)
+        self._index("rows", range(conv.out_channels))
         self.norm, self.act = NarrowNorm(norm, self.inputs), act
-        rows = range(conv.out_channels)
-        self.conv = sliced(conv, rows, self.inputs)
-        self.fold = nn.Parameter(conv_fold(conv, rows, dead_in))
+        self.conv = sliced(conv, range(conv.out_channels), self.inputs)
+        self._own(self.tensors(norm, conv, in_const), buffers=("in_const",))
+
+    def tensors(
+        self, norm: nn.GroupNorm, conv: nn.Conv2d, in_const: Any = None
+    ) -> dict[str, torch.Tensor]:
+        """The narrow norm and convolution, and the fold of the constant inputs."""
+        t = prefixed("norm.", self.norm.tensors(norm))
+        t.update(layer_slice(conv, self.ix_rows, self.ix_inputs, prefix="conv."))
+        t["fold"] = conv_fold(conv, self.ix_rows, self.ix_dead_in)
+        t["in_const"] = self._in_const(conv, in_const)
+        return t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output at full width."""
@@ -319,7 +381,7 @@ class NarrowHead(_NarrowInput):
         )
 
 
-class CondensedFeedForward(nn.Module):
+class CondensedFeedForward(Derived):
     """A diffusers ``FeedForward`` (``proj`` → activation → dropout 0 → ``out``) without its
     dead hidden neurons.
 
@@ -331,14 +393,22 @@ class CondensedFeedForward(nn.Module):
     def __init__(self, ff: nn.Module, rows: Sequence[int]) -> None:
         super().__init__()
         first, last = ff.net[0], ff.net[-1]
+        self._index("rows", rows)
+        self._index("dead", complement(rows, first.proj.out_features))
         self.proj = sliced(first.proj, rows)
         self.act = copy.deepcopy(first)
         self.act.proj = nn.Identity()  # the activation module keeps its own kind of GELU
-        dead = index_of(complement(rows, first.proj.out_features))
         self.out = sliced(last, range(last.out_features), rows)
-        with torch.no_grad():
-            constant = self.act(bias_of(first.proj)[dead])  # what each dead neuron outputs
-            self.out.bias = nn.Parameter(bias_of(last) + last.weight.detach()[:, dead] @ constant)
+        self._own(self.tensors(ff))
+
+    def tensors(self, ff: nn.Module) -> dict[str, torch.Tensor]:
+        """The live neurons' rows and columns; the dead ones' outputs in the output bias."""
+        first, last = ff.net[0], ff.net[-1]
+        t = layer_slice(first.proj, self.ix_rows, prefix="proj.")
+        t["out.weight"] = last.weight[:, self.ix_rows]
+        constant = self.act(bias_of(first.proj)[self.ix_dead])  # what each dead neuron outputs
+        t["out.bias"] = bias_of(last) + last.weight[:, self.ix_dead] @ constant
+        return t
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The block's output for all tokens."""

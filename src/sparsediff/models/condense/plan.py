@@ -18,7 +18,17 @@ from .modules import (
     NarrowResample,
 )
 from .recurrent import CondensedGRU, gru_issue, live_units
-from .rows import RowSparse, bias_of, complement, head_rows, index_of, live_rows, sliced
+from .rows import (
+    RowSparse,
+    bias_of,
+    complement,
+    head_rows,
+    index_of,
+    layer_slice,
+    live_rows,
+    prefixed,
+    sliced,
+)
 
 _ROW_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Modules that read their layers' weights directly instead of calling them: left alone.
@@ -82,24 +92,15 @@ def alive(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(weight.shape[0], -1).ne(0).any(dim=1)
 
 
-def _stream(model: nn.Module) -> dict[str, tuple[Any, Any, Any]]:
-    """For a diffusers ``UNet2DModel`` whose residual stream has dead channels: per module
-    that reads or writes it, ``(inputs, in_const, outputs)``.
-
-    A stream channel is dead when its row is dead in every layer that writes its segment
-    (``models.unet.stream_groups``; training with those groups tied makes that happen). A
-    dead stream channel holds a constant that depends on biases only (each writer outputs its
-    bias there, an identity shortcut or a residual connection adds what was there, an
-    up-block concatenates saved streams), so it is followed through the network and every
-    reader gets its input's live channels and the dead ones' values. ``inputs``/``outputs``
-    are boolean masks of live channels (None where the module has none of that side);
-    ``in_const`` the full-width values (0 at live channels). Empty when nothing is dead or
-    the model is not a UNet the walk knows.
-    """
-    from sparsediff.models.unet import stream_groups, stream_steps
+def stream_live(model: nn.Module) -> dict[str, torch.Tensor]:
+    """For a diffusers ``UNet2DModel``: per layer that writes the residual stream, the live
+    channels of its segment (a channel is dead when its row is dead in every writer of the
+    segment, ``models.unet.stream_groups``). Empty when the model is not a UNet the walk
+    knows."""
+    from sparsediff.models.unet import stream_groups
 
     try:
-        steps, groups = stream_steps(model), stream_groups(model)
+        groups = stream_groups(model)
     except (AttributeError, ValueError):
         return {}
     live = {}  # weight name of a writer -> live channels of its segment
@@ -108,7 +109,34 @@ def _stream(model: nn.Module) -> dict[str, tuple[Any, Any, Any]]:
             torch.logical_or, [alive(model.get_parameter(n)) for n in group]
         )
         live.update(dict.fromkeys(group, group_alive))
+    return live
+
+
+def _stream(
+    model: nn.Module, live: dict[str, torch.Tensor] | None = None
+) -> dict[str, tuple[Any, Any, Any]]:
+    """For a diffusers ``UNet2DModel`` whose residual stream has dead channels: per module
+    that reads or writes it, ``(inputs, in_const, outputs)``.
+
+    A stream channel is dead when it is dead in every writer of its segment (``live``, from
+    :func:`stream_live`; None: read from ``model``'s weights now); training with the
+    writers tied makes that happen. A
+    dead stream channel holds a constant that depends on biases only (each writer outputs its
+    bias there, an identity shortcut or a residual connection adds what was there, an
+    up-block concatenates saved streams), so it is followed through the network and every
+    reader gets its input's live channels and the dead ones' values. ``inputs``/``outputs``
+    are boolean masks of live channels (None where the module has none of that side);
+    ``in_const`` the full-width values (0 at live channels). Empty when nothing is dead or
+    the model is not a UNet the walk knows.
+    """
+    from sparsediff.models.unet import stream_steps
+
+    live = stream_live(model) if live is None else live
     if all(bool(mask.all()) for mask in live.values()):
+        return {}
+    try:
+        steps = stream_steps(model)
+    except (AttributeError, ValueError):
         return {}
     found, skips = {}, []
     cur = const = None
@@ -228,6 +256,21 @@ def plan_condense(model: nn.Module) -> dict[str, dict[str, Any]]:
     return plan
 
 
+def _constants(
+    model: nn.Module, live: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Per module that reads a narrowed stream: the full-width values of its dead inputs."""
+    return {name: spec[1] for name, spec in _stream(model, live).items() if spec[1] is not None}
+
+
+def _input_const(constants: dict[str, torch.Tensor] | None, name: str, inputs: Any) -> Any:
+    """The values of module ``name``'s dead stream inputs (None: zeros, or none dead)."""
+    if constants is None or inputs is None:
+        return None
+    const = constants[name]
+    return const[index_of(complement(inputs, const.numel())).to(const.device)]
+
+
 def apply_plan(
     model: nn.Module,
     plan: dict[str, dict[str, Any]],
@@ -243,9 +286,7 @@ def apply_plan(
     for name, entry in plan.items():
         module = model.get_submodule(name)
         kind, inputs = entry["kind"], entry.get("inputs")
-        const = None
-        if constants is not None and inputs is not None:
-            const = constants[name][index_of(complement(inputs, constants[name].numel()))]
+        const = _input_const(constants, name, inputs)
         if kind == "resnet":
             new = CondensedResnet(
                 module,
@@ -284,8 +325,40 @@ def condense(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
     ``model`` is left unchanged. The copy is for inference: put it in ``eval()`` mode.
     """
     plan = plan_condense(model)
-    constants = {name: spec[1] for name, spec in _stream(model).items() if spec[1] is not None}
-    return apply_plan(copy.deepcopy(model), plan, constants), plan
+    return apply_plan(copy.deepcopy(model), plan, _constants(model)), plan
 
 
-# ---------------------------------------------------------------------- files
+def condensed_tensors(
+    model: nn.Module,
+    plan: dict[str, dict[str, Any]],
+    condensed: nn.Module,
+    live: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every parameter and stream constant of ``condensed`` (``model`` condensed by ``plan``)
+    as a function of ``model``'s current parameters, by name: the rewritten modules'
+    ``tensors`` (:class:`~.rows.Derived`), every other parameter ``model``'s own.
+
+    With gradients enabled the tensors carry them back to ``model``'s parameters, so
+    ``torch.func.functional_call(condensed, tensors, ...)`` computes ``model``'s function
+    through the narrow network *and* trains ``model`` (``sparsediff.training.condensed``).
+    The plan must still hold: no row that it drops may have come alive. ``live``: the stream's
+    live channels the plan was made with (:func:`stream_live`; None: read from the weights).
+    """
+    constants = _constants(model, live)
+    out: dict[str, torch.Tensor] = {}
+    for name, entry in plan.items():
+        new, src, kind = condensed.get_submodule(name), model.get_submodule(name), entry["kind"]
+        const = _input_const(constants, name, entry.get("inputs"))
+        if kind in ("resnet", "attention", "resample"):
+            tensors = new.tensors(src, const)
+        elif kind == "head":
+            tensors = new.tensors(src, model.conv_out, const)
+        elif kind == "slice":
+            tensors = layer_slice(src, index_of(entry["rows"]).to(src.weight.device))
+        else:
+            tensors = new.tensors(src)
+        out.update(prefixed(f"{name}.", tensors))
+    for name, _ in condensed.named_parameters():
+        if name not in out:
+            out[name] = model.get_parameter(name)
+    return out

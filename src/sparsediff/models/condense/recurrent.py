@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .rows import index_of
+from .rows import Derived, index_of
 
 _SFX = ("", "_reverse")
 
@@ -51,7 +51,7 @@ def live_units(gru: nn.GRU) -> list[list[int]]:
     return out
 
 
-class CondensedGRU(nn.Module):
+class CondensedGRU(Derived):
     """``nn.GRU``'s forward (batch first, a tensor or a PackedSequence; zero initial state)
     through a narrower GRU per layer; ``keep[l][d]``: the units direction ``d`` of layer ``l``
     keeps (from :func:`live_units`)."""
@@ -63,27 +63,40 @@ class CondensedGRU(nn.Module):
         self.layers = nn.ModuleList()
         reads = None  # the previous layer's kept outputs, as columns of this layer's input
         for layer, kept in enumerate(self.keep):
-            new = nn.GRU(
-                gru.input_size if reads is None else len(reads),
-                len(kept[0]),
-                batch_first=True,
-                bidirectional=gru.bidirectional,
-            ).to(gru.weight_ih_l0.device, gru.weight_ih_l0.dtype)
-            with torch.no_grad():
-                for d, sfx in enumerate(_SFX[: self.dirs]):
-                    rows = index_of([g * self.hidden + j for g in range(3) for j in kept[d]])
-                    w_ih = getattr(gru, f"weight_ih_l{layer}{sfx}").detach()[rows]
-                    w_hh = getattr(gru, f"weight_hh_l{layer}{sfx}").detach()[rows]
-                    getattr(new, f"weight_ih_l0{sfx}").copy_(
-                        w_ih if reads is None else w_ih[:, reads]
-                    )
-                    getattr(new, f"weight_hh_l0{sfx}").copy_(w_hh[:, index_of(kept[d])])
-                    for kind in ("bias_ih", "bias_hh"):
-                        b = getattr(gru, f"{kind}_l{layer}{sfx}").detach()[rows]
-                        getattr(new, f"{kind}_l0{sfx}").copy_(b)
-            self.layers.append(new)
-            reads = index_of([d * self.hidden + j for d in range(self.dirs) for j in kept[d]])
-        self.register_buffer("outputs", reads, persistent=False)  # last layer, at full width
+            self.layers.append(
+                nn.GRU(
+                    gru.input_size if reads is None else len(reads),
+                    len(kept[0]),
+                    batch_first=True,
+                    bidirectional=gru.bidirectional,
+                ).to(gru.weight_ih_l0.device, gru.weight_ih_l0.dtype)
+            )
+            for d in range(self.dirs):
+                self._index(f"units_{layer}_{d}", kept[d])
+                rows = [g * self.hidden + j for g in range(3) for j in kept[d]]  # 3 gates
+                self._index(f"rows_{layer}_{d}", rows)
+            if reads is not None:
+                self._index(f"reads_{layer}", reads)
+            reads = [d * self.hidden + j for d in range(self.dirs) for j in kept[d]]
+        self.register_buffer("outputs", index_of(reads), persistent=False)  # the last layer's
+        self._own(self.tensors(gru))
+
+    def tensors(self, gru: nn.GRU) -> dict[str, torch.Tensor]:
+        """Per layer and direction: the kept units' gate rows, their recurrent columns and
+        the previous layer's kept outputs as input columns."""
+        t = {}
+        for layer in range(len(self.keep)):
+            reads = getattr(self, f"ix_reads_{layer}", None)
+            for d, sfx in enumerate(_SFX[: self.dirs]):
+                rows = getattr(self, f"ix_rows_{layer}_{d}")
+                w_ih = getattr(gru, f"weight_ih_l{layer}{sfx}")[rows]
+                w_hh = getattr(gru, f"weight_hh_l{layer}{sfx}")[rows]
+                new = f"layers.{layer}."
+                t[f"{new}weight_ih_l0{sfx}"] = w_ih if reads is None else w_ih[:, reads]
+                t[f"{new}weight_hh_l0{sfx}"] = w_hh[:, getattr(self, f"ix_units_{layer}_{d}")]
+                for kind in ("bias_ih", "bias_hh"):
+                    t[f"{new}{kind}_l0{sfx}"] = getattr(gru, f"{kind}_l{layer}{sfx}")[rows]
+        return t
 
     def forward(self, x: Any, h0: Any = None) -> tuple[Any, torch.Tensor]:
         """The full GRU's ``(output, h_n)``; dead units output zeros."""
@@ -100,7 +113,7 @@ class CondensedGRU(nn.Module):
         if packed:
             full = PackedSequence(full, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
         h_full = data.new_zeros(len(self.keep) * self.dirs, finals[0].shape[1], self.hidden)
-        for layer, (kept, h_n) in enumerate(zip(self.keep, finals)):
+        for layer, h_n in enumerate(finals):
             for d in range(self.dirs):
-                h_full[layer * self.dirs + d][:, index_of(kept[d]).to(h_n.device)] = h_n[d]
+                h_full[layer * self.dirs + d][:, getattr(self, f"ix_units_{layer}_{d}")] = h_n[d]
         return full, h_full

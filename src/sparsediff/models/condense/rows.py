@@ -45,28 +45,81 @@ def complement(rows: Sequence[int], size: int) -> list[int]:
 
 
 def bias_of(layer: nn.Module) -> torch.Tensor:
-    """The layer's bias, or zeros: what each of its dead rows outputs."""
+    """The layer's bias, or zeros: what each of its dead rows outputs. Not detached: under
+    :func:`condense`'s ``no_grad`` it is a plain tensor, in condensed training it carries the
+    gradient back to the layer."""
     if layer.bias is not None:
-        return layer.bias.detach()
+        return layer.bias
     return layer.weight.new_zeros(layer.weight.shape[0])
+
+
+def layer_slice(
+    layer: nn.Module,
+    rows: torch.Tensor,
+    cols: torch.Tensor | None = None,
+    bias: bool = True,
+    prefix: str = "",
+) -> dict[str, torch.Tensor]:
+    """``rows`` (and input ``cols``) of a Linear/Conv's weight and bias, by name."""
+    weight = layer.weight.index_select(0, rows)  # index_select: the fastest gather here
+    out = {f"{prefix}weight": weight if cols is None else weight.index_select(1, cols)}
+    if bias:
+        out[f"{prefix}bias"] = bias_of(layer).index_select(0, rows)
+    return out
 
 
 def sliced(
     layer: nn.Module, rows: Sequence[int], cols: Sequence[int] | None = None, bias: bool = True
 ) -> nn.Module:
     """A copy of a Linear/Conv with only ``rows`` (and input ``cols``) of its weight."""
-    new = copy.deepcopy(layer)
-    with torch.no_grad():
-        weight = layer.weight.detach()[index_of(rows)]
-        if cols is not None:
-            weight = weight[:, index_of(cols)]
-        new.weight = nn.Parameter(weight.clone())
-        new.bias = nn.Parameter(bias_of(layer)[index_of(rows)].clone()) if bias else None
+    new = copy.copy(layer)  # its settings; its own tensor tables (not a copy of the tensors)
+    new._parameters, new._buffers = dict(layer._parameters), dict(layer._buffers)
+    values = layer_slice(layer, index_of(rows), None if cols is None else index_of(cols), bias)
+    weight = values["weight"].detach().clone()
+    new.weight = nn.Parameter(weight)
+    new.bias = nn.Parameter(values["bias"].detach().clone()) if bias else None
     if isinstance(new, nn.Linear):
         new.out_features, new.in_features = weight.shape[0], weight.shape[1]
     else:
         new.out_channels, new.in_channels = weight.shape[0], weight.shape[1]
     return new
+
+
+def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with their names under ``prefix`` (a submodule's path, dot included)."""
+    return {prefix + name: t for name, t in tensors.items()}
+
+
+class Derived(nn.Module):
+    """A condensed module whose every parameter is a function of its source module's.
+
+    :meth:`tensors` computes them from the source (the module it replaces, in the plain
+    model) with torch operations: at construction, under ``no_grad``, they become the
+    module's own copies; in condensed training (``sparsediff.training.condensed``) they are
+    computed again at every step from the live full-width parameters, so gradients flow back
+    to those and the optimizer, EMA and masks never see the condensed network. Row indices are
+    kept as non-persistent buffers (``ix_*``) so that a step gathers on the device.
+    """
+
+    def _index(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        self.register_buffer(f"ix_{name}", index_of(rows), persistent=False)
+        return getattr(self, f"ix_{name}")
+
+    def _own(self, tensors: dict[str, torch.Tensor], buffers: Sequence[str] = ()) -> None:
+        """Take ``tensors`` (from :meth:`tensors`) as this module's parameters, or buffers
+        (persistent: saved with the weights) for the names in ``buffers``."""
+        for name, t in tensors.items():
+            owner, _, attr = name.rpartition(".")
+            module = self.get_submodule(owner) if owner else self
+            value = t.detach().clone()
+            if name in buffers:
+                module.register_buffer(attr, value)
+            else:
+                setattr(module, attr, nn.Parameter(value))
+
+    def tensors(self, *sources: Any) -> dict[str, torch.Tensor]:
+        """Every derived tensor of this module, by name, from its source module(s)."""
+        raise NotImplementedError
 
 
 def add_rows(out: torch.Tensor, dim: int, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -91,15 +144,19 @@ def rows_plus(
 
 
 # ---------------------------------------------------------------------- rewrites
-class RowSparse(nn.Module):
+class RowSparse(Derived):
     """A Linear or Conv that computes only its live output rows; dead rows output their bias."""
 
     def __init__(self, layer: nn.Module, rows: Sequence[int]) -> None:
         super().__init__()
         self.layer = sliced(layer, rows, bias=False)
-        self.bias = nn.Parameter(bias_of(layer).clone())  # all rows: the dead ones' outputs
         self.register_buffer("rows", index_of(rows), persistent=False)
         self.dim = -1 if isinstance(layer, nn.Linear) else 1
+        self._own(self.tensors(layer))
+
+    def tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The live rows' weights; the bias of all rows (the dead ones' outputs)."""
+        return {"layer.weight": layer.weight[self.rows], "bias": bias_of(layer)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output at full width."""
@@ -146,11 +203,11 @@ def constant_through_conv(
     return (per_tap.view(-1, kh * kw) @ inside).view(u.shape[0], o, *out)
 
 
-def conv_fold(conv: nn.Module, rows: Sequence[int], dead: Sequence[int]) -> torch.Tensor:
+def conv_fold(conv: nn.Module, rows: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
     """``conv``'s kernels from the ``dead`` inputs to ``rows``, as ``(dead, rows * kh * kw)``
     for :func:`constant_through_conv`."""
-    fold = conv.weight.detach()[index_of(rows)][:, index_of(dead)]
-    return fold.transpose(0, 1).reshape(len(dead), fold[:, :1].numel()).clone()
+    fold = conv.weight.index_select(0, rows).index_select(1, dead)
+    return fold.transpose(0, 1).reshape(len(dead), fold[:, :1].numel())
 
 
 def positions(rows: Sequence[int], within: Sequence[int]) -> list[int]:
