@@ -12,9 +12,15 @@ For dense and each granularity (unstructured and channel at ``--sparsities``, 2:
   ``channel 50% untied`` shows the same without the ties; 2:4 = semi-structured sparse
   kernels for the Linear layers on CUDA
   (``sparsity/semistructured.py``; elsewhere the masked dense model, with the reason);
-* **training**: AdamW + ``SparseTraining`` (RigL, ΔT = ``--update-interval``, constant p 0.05)
-  on the masked dense model; one update interval is timed (ΔT steps, the last one with a mask
-  update) and reported per step; dense runs through the engine's dense mode.
+* **training**: AdamW + ``SparseTraining`` (RigL, ΔT = ``--update-interval``, constant p 0.05);
+  one update interval is timed (ΔT steps, the last one with a mask update) and reported per
+  step; dense runs through the engine's dense mode, unstructured and 2:4 as the masked dense
+  model, channel and unit as the trainer does (``train.condensed``): through the condensed
+  network, the update step at full width, the rebuild after it timed.
+
+Last, for the first model when it is a UNet, **training as a run trains**: dense and channel
+(stream tied) at ``--sparsities``, batch 32, ΔT 25, whole intervals timed over
+``--train-rounds`` rounds; the last line is ``training speed-up, channel 50%: X.XX×``.
 
 Masks are random from the engine (``--distribution`` layer densities, ``--seed``); the sampling
 network is a copy of the training model right after the engine masked it. Every round measures
