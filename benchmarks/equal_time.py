@@ -38,7 +38,8 @@ def dense_at(name: str, width: str) -> torch.nn.Module:
     if arch == "birnn":
         return BiGRUDenoiser(hidden=int(width), layers=3, time_dim=8, num_timesteps=35)
     channels = tuple(int(c) for c in width.split(","))
-    return build_unet(preset, **{**overrides, "block_out_channels": channels})
+    overrides = {k: v for k, v in overrides.items() if k != "block_out_channels"}
+    return build_unet(preset, channels, **overrides)  # heads as a config's model.channels has
 
 
 def main() -> None:

@@ -76,6 +76,11 @@ def test_narrower_unet_of_the_same_layout():
     } == {k: v for k, v in wide.items() if k not in ("block_out_channels", "attention_head_dim")}
     ldm = unet_config("ldm4", (160, 320, 480, 640))
     assert ldm["attention_head_dim"] == 32  # LDM-4 keeps its 32-wide heads
+    # blocks that are not multiples of the preset's head: heads of a width both divide into
+    assert unet_config("fmnist", (40, 80))["attention_head_dim"] == 8
+    odd = build_unet("fmnist", (40, 80), in_channels=1, out_channels=1, sample_size=8)
+    assert odd.down_blocks[1].attentions[0].heads == 10
+    assert odd(torch.randn(1, 1, 8, 8), torch.tensor([3])).sample.shape == (1, 1, 8, 8)
     with pytest.raises(ValueError, match="norm groups"):
         unet_config("fmnist", (20, 20))
     with pytest.raises(ValueError, match="has 2 blocks"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,7 +66,8 @@ def unet_config(
 
     ``channels`` replaces the block channels (a narrower or wider model of the same layout, e.g.
     a small-dense baseline); an attention head keeps the preset's width, capped at the narrowest
-    block, and every block must divide into heads and norm groups.
+    block and narrowed to a width every block divides into (40 and 80 channels: heads of 8), and
+    every block must divide into norm groups.
     """
     if preset not in UNET_PRESETS:
         raise ValueError(f"unknown UNet preset {preset!r}; expected one of {sorted(UNET_PRESETS)}")
@@ -76,12 +78,11 @@ def unet_config(
                 f"UNet preset {preset!r} has {len(config['block_out_channels'])} blocks; "
                 f"got channels {list(channels)}"
             )
-        head = min(config["attention_head_dim"], *channels)
+        head = math.gcd(min(config["attention_head_dim"], *channels), *channels)
         groups = config["norm_num_groups"]
-        if any(c % head or c % groups for c in channels):
+        if any(c % groups for c in channels):
             raise ValueError(
-                f"UNet channels {list(channels)} must be multiples of the head width {head} "
-                f"and of the {groups} norm groups"
+                f"UNet channels {list(channels)} must be multiples of the {groups} norm groups"
             )
         config.update(block_out_channels=tuple(channels), attention_head_dim=head)
     config.update(overrides)
