@@ -10,9 +10,10 @@ steps, guidance and decoding included) on the same ``--batch`` sample seeds for 
 times each network once in a rotating order, so machine load hits both; the numbers are medians
 over ``--rounds`` and "x dense" is dense's median over the network's (> 1: faster). Where the
 dense run's weights are not here, the masked network, which computes as much as dense, stands in
-for it and the line says so. The largest difference between condensed and masked samples (as
-uint8 images) is printed beside. ``--json STUDY/speed.json`` is what ``sparsediff report`` reads
-for the frontier (FID against sampling time) and the summary.
+for it and the line says so (a small dense model, its own masked network, is then skipped). The
+largest difference between condensed and masked samples (as uint8 images) is printed beside.
+``--json STUDY/speed.json`` is what ``sparsediff report`` reads for the frontier (FID against
+sampling time) and the summary.
 
     python benchmarks/study_speedup.py studies/evidence            # 1 thread, 5 rounds
     python benchmarks/study_speedup.py docs/results/dit --json docs/results/dit/speed.json
@@ -44,6 +45,10 @@ def _has_weights(run_dir: Path) -> bool:
     return any(run_dir.glob("*.safetensors")) or (run_dir / "checkpoint.pt").exists()
 
 
+def _twin_here(study_dir: Path, twin: dict | None) -> bool:
+    return twin is not None and _has_weights(study_dir / twin["run_dir"])
+
+
 def _params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
@@ -73,7 +78,12 @@ def measure(
         if not _has_weights(study_dir / r["run_dir"]):
             print(f"{r['id']}: its run's weights are not here; skipped")
             continue
-        out.append(_time_cell(study_dir, r, dense.get((r["dataset"], r["seed"])), batch, rounds))
+        twin = dense.get((r["dataset"], r["seed"]))
+        if r["method"] == "dense" and twin is not r and not _twin_here(study_dir, twin):
+            # a small dense model is its own masked network: without dense beside it, no ratio
+            print(f"{r['id']}: the dense run of its seed is not here; skipped")
+            continue
+        out.append(_time_cell(study_dir, r, twin, batch, rounds))
     return out
 
 
@@ -86,7 +96,7 @@ def _time_cell(study_dir: Path, r: dict, twin: dict | None, batch: int, rounds: 
         if plan:
             nets["condensed"] = condensed
     deployed = "condensed" if "condensed" in nets else "masked"
-    if twin is not None and twin["id"] != r["id"] and _has_weights(study_dir / twin["run_dir"]):
+    if twin is not None and twin["id"] != r["id"] and _twin_here(study_dir, twin):
         nets = {"dense": load_run(study_dir / twin["run_dir"], "cpu")[1], **nets}
     settings = pipeline.sampling(pipeline.cfg.eval)
     seeds = sample_seeds(pipeline.cfg.eval.seed, 0, batch)

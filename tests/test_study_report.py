@@ -479,3 +479,52 @@ def test_the_frontier_and_the_summary_come_from_the_measured_times(tmp_path):
     assert static["params"] == {"dense": 2000, "condensed": 1333}
     assert {"pipeline", "dataset", "machine", "date", "command"} <= static.keys()
     assert "benchmarks/study_speedup.py" in static["command"]
+
+
+def test_the_targets_judge_speed_quality_and_the_equal_time_small_dense(tmp_path):
+    records = _records(TOY, "toy")
+    for seed, fid in enumerate([14.0, 14.5, 13.5]):  # denoiser-only FID 7.00 ± 0.25
+        small = _record("toy", "dense", None, 0.0, seed, fid)
+        small |= {"id": f"toy/small-dense-time-seed{seed}", "variant": "small-dense-time"}
+        records.append(small)
+    cells = []
+    for r in records:  # the FID against the reconstructions is half the image FID
+        r["metrics_vs_reconstructions"] = {"fid": r["metrics"]["fid"] / 2}
+        append_result(tmp_path / "results.jsonl", r)
+        faster = 1 + r["sparsity"] + (0.5 if r.get("variant") else 0)  # small dense: 1.5x
+        cells.append(
+            {
+                "id": r["id"],
+                "deployed": "condensed",
+                "seconds_per_sample": 0.010 / faster,
+                "speedup": {"condensed": faster},
+                "params": {"masked": 2000, "condensed": int(2000 / faster)},
+            }
+        )
+    speed = {"machine": "a test machine", "date": "2026-12-06", "cells": cells}
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    text = write_report(tmp_path).read_text()
+    rows = _parse(text[text.index("| setting | x dense | FID vs dense") :].split("\n\n")[0])[1]
+    # Static 50%: 5.50 ± 0.25 vs dense 5.50 ± 0.50 (one-sided p = 0.5), 1.5x, and below the
+    # small dense 7.00 ± 0.25 (scipy's Welch p = 0.0018)
+    assert rows["Static at 50%"] == [
+        "1.50 (≥ 1.5)",
+        "+0.0% (≤ +5%)",
+        "p = 0.500",
+        "7.00 ± 0.25, p = 0.002",
+        "**met**",
+    ]
+    # Static 90%: 10.50 ± 0.50, worse than dense (one-sided p = 0.00013) and the small dense
+    assert rows["Static at 90%"][1:] == [
+        "+90.9% (≤ +5%)",
+        "p = 0.000",
+        "7.00 ± 0.25, p = 0.002",
+        "not met: quality, small dense",
+    ]
+    # one seed: untested, so never met, however good its mean
+    assert rows["MagRan (p=0.05) at 50%"][2:] == [
+        "untested",
+        "7.00 ± 0.25, untested",
+        "not met: quality, small dense",
+    ]
+    assert "Small dense, equal time" not in rows  # a baseline, not a candidate

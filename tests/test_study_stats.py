@@ -64,3 +64,15 @@ def test_the_detectable_difference_is_found_with_80_percent_power():
 def test_no_detectable_difference_without_two_seeds():
     assert detectable_difference(Stat(1.0, None, 1), Stat(1.0, 0.5, 3)) is None
     assert detectable_difference(Stat(1.0, 0.0, 3), Stat(2.0, 0.0, 3)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [([10.0, 10.5, 11.0], [5.0, 5.5, 6.0]), ([5.0, 5.5, 6.0], [10.0, 10.5, 11.0])],
+)
+def test_one_sided_welch_is_scipys_greater(a, b):
+    from sparsediff.study.stats import welch_p_above
+
+    expected = ttest_ind(a, b, equal_var=False, alternative="greater").pvalue
+    assert welch_p_above(Stat.of(a), Stat.of(b)) == pytest.approx(expected, rel=1e-9)
+    assert welch_p_above(Stat.of(a), Stat.of([5.0])) is None  # one seed: no test

@@ -17,10 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from sparsediff.io import read_json
-from sparsediff.study.stats import Setting, Stat, group_settings, row_label
+from sparsediff.study.stats import (
+    ALPHA,
+    REL_TOL,
+    Setting,
+    Stat,
+    group_settings,
+    row_label,
+    welch_p,
+    welch_p_above,
+)
 
 SPEED_FILE = "speed.json"
 RECON = "metrics_vs_reconstructions"
+EQUAL_TIME = "small-dense-time"  # the variant of the small dense model of equal sampling time
+SPEEDUP_TARGET = {"chirodiff": 1.3}  # the fast-and-good targets; every other pipeline: 1.5
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,78 @@ def frontier(records: list[dict], speed: dict[str, Any]) -> dict[str, list[Point
                     params_deployed=int(statistics.median(deployed)),
                 )
             )
+    return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """A sparse setting against the fast-and-good targets: sampling at least ``needed`` times
+    as fast as dense; an FID not worse than dense's (a one-sided Welch test at 5% finds no
+    worsening, *and* the mean is within +5%); and an FID below the small dense model's of
+    equal sampling time beyond the noise (a two-sided Welch test at 5%). Untested (one seed on
+    either side) is never met."""
+
+    point: Point
+    needed: float
+    dense: Stat
+    p_worse: float | None  # one-sided: the FID above dense's
+    small: Stat | None  # the equal-time small dense model's FID, where the study has one
+    p_small: float | None  # two-sided, against it
+
+    @property
+    def fast(self) -> bool:
+        return self.point.speedup.mean is not None and self.point.speedup.mean >= self.needed
+
+    @property
+    def change(self) -> float:
+        """The FID's mean against dense's, as a fraction (+0.05: 5% worse)."""
+        return self.point.fid.mean / self.dense.mean - 1
+
+    @property
+    def not_worse(self) -> bool:
+        return self.p_worse is not None and self.p_worse >= ALPHA and self.change <= REL_TOL
+
+    @property
+    def beats_small(self) -> bool:
+        lower = self.small is not None and self.point.fid.mean < self.small.mean
+        return self.p_small is not None and self.p_small < ALPHA and lower
+
+    @property
+    def missed(self) -> list[str]:
+        """The parts not met, in words (empty: the target is met)."""
+        return [
+            word
+            for ok, word in (
+                (self.fast, "speed"),
+                (self.not_worse, "quality"),
+                (self.beats_small, "small dense"),
+            )
+            if not ok
+        ]
+
+
+def targets(points: dict[str, list[Point]]) -> dict[str, list[Target]]:
+    """Per dataset, every sparse setting on the frontier against the targets (datasets
+    without a timed dense setting have none)."""
+    out: dict[str, list[Target]] = {}
+    for ds, dataset_points in points.items():
+        dense = next((p for p in dataset_points if p.setting.method == "dense"), None)
+        small = next((p for p in dataset_points if p.setting.method == EQUAL_TIME), None)
+        if dense is None or dense.fid.mean is None:
+            continue
+        needed = SPEEDUP_TARGET.get(dense.setting.records[0].get("pipeline"), 1.5)
+        out[ds] = [
+            Target(
+                point=p,
+                needed=needed,
+                dense=dense.fid,
+                p_worse=welch_p_above(p.fid, dense.fid),
+                small=small.fid if small else None,
+                p_small=welch_p(p.fid, small.fid) if small else None,
+            )
+            for p in dataset_points
+            if p.setting.sparsity > 0 and p.fid.mean is not None
+        ]
     return out
 
 

@@ -21,7 +21,14 @@ from pathlib import Path
 from sparsediff.config import flatten
 from sparsediff.io import read_json, write_text
 from sparsediff.runtime import command_line
-from sparsediff.study.frontier import frontier, read_speed, setting_name, summary_entries
+from sparsediff.study.frontier import (
+    Target,
+    frontier,
+    read_speed,
+    setting_name,
+    summary_entries,
+    targets,
+)
 from sparsediff.study.plots import (
     compose_samples,
     plot_fid_vs_flops,
@@ -665,7 +672,46 @@ def _frontier_section(
             for p in points[ds]
         ]
         lines += [_markdown(header, rows), ""]
+        if goals := targets(points).get(ds):
+            lines += _targets_table(goals)
     return lines
+
+
+def _p(p: float | None) -> str:
+    return "untested" if p is None else f"p = {p:.3f}"
+
+
+def _targets_table(goals: list[Target]) -> list[str]:
+    """The fast-and-good targets, setting by setting (``study.frontier.Target``)."""
+    header = [
+        "setting",
+        "x dense",
+        "FID vs dense",
+        "worse than dense (one-sided Welch)",
+        "vs small dense, equal time (Welch)",
+        "target",
+    ]
+    rows = [
+        [
+            setting_name(g.point.setting),
+            f"{g.point.speedup.mean:.2f} (≥ {g.needed:g})",
+            f"{g.change:+.1%} (≤ +5%)",
+            _p(g.p_worse),
+            MISSING if g.small is None else f"{g.small.format()}, {_p(g.p_small)}",
+            "**met**" if not g.missed else "not met: " + ", ".join(g.missed),
+        ]
+        for g in goals
+    ]
+    return [
+        "Targets: at least the speed-up in the column, an FID (the denoiser's where there is a "
+        "first stage) not worse than dense's (a one-sided Welch test at 5% finds no worsening, "
+        "*and* the mean within +5%), and an FID below the small dense model's of equal sampling "
+        "time beyond the noise (two-sided Welch, 5%). With one seed on either side there is no "
+        "test, and the target is not met.",
+        "",
+        _markdown(header, rows),
+        "",
+    ]
 
 
 def _steps(record: dict) -> int | None:

@@ -31,6 +31,10 @@ VARIANT_NAMES = {
     "small-dense": "Small dense",
     "rigl-channel": "RigL channel",
     "rigl-channel-tied": "RigL channel, stream tied",
+    "rigl-channel-tied-2x": "RigL channel, stream tied, 2x steps",
+    "rigl-unit": "RigL unit",
+    "chase": "Chase",
+    "small-dense-time": "Small dense, equal time",
 }
 REL_TOL = 0.05
 ALPHA = 0.05
@@ -87,6 +91,16 @@ def welch_p(a: Stat, b: Stat) -> float | None:
         warnings.simplefilter("ignore", RuntimeWarning)
         test = ttest_ind_from_stats(a.mean, a.std, a.n, b.mean, b.std, b.n, equal_var=False)
     return float(test.pvalue)
+
+
+def welch_p_above(a: Stat, b: Stat) -> float | None:
+    """One-sided p-value of Welch's t-test that ``a``'s mean is above ``b``'s (e.g. an FID
+    worse than dense's): half the two-sided p where ``a`` is higher, one minus that where not;
+    None below two seeds on either side."""
+    p = welch_p(a, b)
+    if p is None:
+        return None
+    return p / 2 if a.mean > b.mean else 1 - p / 2
 
 
 def detectable_difference(
