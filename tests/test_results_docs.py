@@ -38,7 +38,7 @@ def test_the_quotes_are_found():  # the patterns see what the prose writes
 
 
 # every other study's section of docs/results/README.md quotes its own report
-SECTIONS = {"dit": "## `dit/`"}
+SECTIONS = {"dit": "## `dit/`", "fast": "## `fast/`"}
 
 
 @pytest.mark.parametrize("study", sorted(SECTIONS))
