@@ -96,7 +96,7 @@ def _time_cell(study_dir: Path, r: dict, twin: dict | None, batch: int, rounds: 
         if plan:
             nets["condensed"] = condensed
     deployed = "condensed" if "condensed" in nets else "masked"
-    if twin is not None and twin["id"] != r["id"] and _twin_here(study_dir, twin):
+    if _twin_here(study_dir, twin) and twin["id"] != r["id"]:
         nets = {"dense": load_run(study_dir / twin["run_dir"], "cpu")[1], **nets}
     settings = pipeline.sampling(pipeline.cfg.eval)
     seeds = sample_seeds(pipeline.cfg.eval.seed, 0, batch)

@@ -643,6 +643,7 @@ def _frontier_section(
     """Quality against the measured sampling time of every setting (``speed.json`` from
     ``benchmarks/study_speedup.py``), a plot and a table per dataset."""
     points = frontier(records, speed)
+    judged = targets(points)
     lines = [
         "## Frontier: quality against sampling time",
         "",
@@ -672,7 +673,7 @@ def _frontier_section(
             for p in points[ds]
         ]
         lines += [_markdown(header, rows), ""]
-        if goals := targets(points).get(ds):
+        if goals := judged.get(ds):
             lines += _targets_table(goals)
     return lines
 
